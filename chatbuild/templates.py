@@ -1,0 +1,237 @@
+"""Chat formats: one definition renders training examples and serving prompts alike.
+
+A `ChatFormat` is saved with every run (`chat_format.json`) and read back by serving, so the model is
+always prompted exactly the way it was trained (the idea of litgpt's `prompt_style.yaml` and
+alpaca-lora's single `Prompter`).
+
+Two kinds:
+- "guanaco": the QLoRA paper's format. Each turn is one line,
+
+      <s>[system line\\n]### Human: {user}\\n### Assistant: {assistant}</s>\\n### Human: ...
+
+  a reply ends with the tokenizer's EOS token, and serving also stops at the string "### Human:".
+  The paper's system line (`GUANACO_SYSTEM`) is optional.
+- "tokenizer": whatever chat template the tokenizer carries (`tokenizer.apply_chat_template`).
+
+Tokenization contract (`encode`): the conversation is rendered to text together with the character
+spans the model should learn to produce (each assistant reply plus its end-of-turn marker); the whole
+text is tokenized once, and a token is trained iff its first character lies inside such a span.
+`labels` equal `input_ids` there and are -100 everywhere else. With `train_on_prompts=True` every
+token but the first is trained (the paper's whole-text loss). Serving prompts (`prompt_ids`) are the
+same rendering cut where the next assistant reply begins, so training and serving share their text.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from chatbuild.errors import UserError
+
+IGNORE_INDEX = -100  # the label that CrossEntropyLoss (and transformers) skips
+
+# The system line used with Guanaco in the QLoRA repository's evaluation prompts (a fact, quoted).
+GUANACO_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+GUANACO_HUMAN = "### Human:"
+GUANACO_ASSISTANT = "### Assistant:"
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ChatFormat:
+    """How conversations become text. Saved as `chat_format.json` in every run folder."""
+
+    name: str = "guanaco"  # "guanaco" or "tokenizer"
+    system_prompt: str | None = None  # used when a conversation brings no system message
+    stop: list[str] = field(default_factory=lambda: [GUANACO_HUMAN])  # strings that end a reply
+
+    def __post_init__(self):
+        if self.name not in ("guanaco", "tokenizer"):
+            raise UserError(f'chat format "{self.name}" is unknown; use "guanaco" or "tokenizer"')
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ChatFormat":
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(name=data["name"], system_prompt=data.get("system_prompt"), stop=list(data.get("stop", [])))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: not a readable chat_format.json ({e})") from None
+
+
+def guanaco_jinja_template() -> str:
+    """The Guanaco format as a Jinja chat template, for tokenizers we build (the tiny base).
+
+    Renders exactly what `render(ChatFormat("guanaco"), ...)` renders for the same messages."""
+    return (
+        "{{ bos_token }}"
+        "{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+        "{% elif m['role'] == 'user' %}" + GUANACO_HUMAN + " {{ m['content'] }}\n"
+        "{% elif m['role'] == 'assistant' %}" + GUANACO_ASSISTANT + " {{ m['content'] }}{{ eos_token }}\n"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}" + GUANACO_ASSISTANT + "{% endif %}"
+    )
+
+
+def check_messages(messages: list[dict], where: str = "conversation") -> None:
+    """Validate the conversation shape: roles known, content a string, system only first,
+    user and assistant alternating starting with user."""
+    if not messages:
+        raise UserError(f"{where}: no messages")
+    expected = "user"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise UserError(f"{where}: message {i} is not an object with role and content")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise UserError(f'{where}: message {i} has role "{role}"; expected one of {", ".join(ROLES)}')
+        if not isinstance(content, str):
+            raise UserError(f"{where}: message {i} ({role}) has no text content")
+        if role == "system":
+            if i != 0:
+                raise UserError(f"{where}: message {i} is a system message; only the first message may be")
+            continue
+        if role != expected:
+            raise UserError(f'{where}: message {i} is "{role}" but "{expected}" was expected (turns alternate)')
+        expected = "assistant" if role == "user" else "user"
+
+
+def _with_system(fmt: ChatFormat, messages: list[dict]) -> list[dict]:
+    if fmt.system_prompt and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": fmt.system_prompt}, *messages]
+    return list(messages)
+
+
+def render(fmt: ChatFormat, tokenizer, messages: list[dict], add_generation_prompt: bool = False):
+    """Render a conversation to (text, spans): spans are (start, end) character ranges of what the
+    assistant says, each including its end-of-turn marker (EOS)."""
+    messages = _with_system(fmt, messages)
+    if fmt.name == "guanaco":
+        return _render_guanaco(tokenizer, messages, add_generation_prompt)
+    return _render_with_tokenizer_template(tokenizer, messages, add_generation_prompt)
+
+
+def _render_guanaco(tokenizer, messages, add_generation_prompt):
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    parts, spans, n = [bos], [], len(bos)
+    for m in messages:
+        if m["role"] == "system":
+            piece = m["content"] + "\n"
+        elif m["role"] == "user":
+            piece = f"{GUANACO_HUMAN} {m['content']}\n"
+        else:
+            # The reply starts at the space after the header: the prompt ends with the header, so the
+            # first thing the model produces is " <reply>".
+            start = n + len(GUANACO_ASSISTANT)
+            piece = f"{GUANACO_ASSISTANT} {m['content']}{eos}\n"
+            spans.append((start, n + len(piece) - 1))
+        parts.append(piece)
+        n += len(piece)
+    if add_generation_prompt:
+        parts.append(GUANACO_ASSISTANT)
+    return "".join(parts), spans
+
+
+def _render_with_tokenizer_template(tokenizer, messages, add_generation_prompt):
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError('chat format "tokenizer" needs a tokenizer with a chat template; this one has none '
+                        '(use chat_format "guanaco")')
+
+    def apply(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    text = apply(messages, add_generation_prompt)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, upto = apply(messages[:i], True), apply(messages[: i + 1], False)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise UserError("the tokenizer's chat template does not render conversations incrementally "
+                            "(an earlier turn changes when a later one is added); use chat_format \"guanaco\"")
+        spans.append((len(before), len(upto)))
+    return text, spans
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where nothing is learned
+
+    def __len__(self):
+        return len(self.input_ids)
+
+
+def encode(fmt: ChatFormat, tokenizer, messages: list[dict], max_length: int | None = None,
+           train_on_prompts: bool = False) -> Encoded:
+    """Tokenize a conversation for training (see the module docstring for the label contract).
+
+    Truncation to `max_length` cuts right after the last complete assistant reply (its EOS included)
+    that fits and leaves something to learn. If not even the first reply fits, it cuts inside that reply
+    and makes the last token EOS (trained), so the example still ends the way a reply ends; a reply is
+    never cut down to nothing but EOS. If the prompt alone fills `max_length`, the cut falls in the
+    prompt, no EOS is added, and (unless `train_on_prompts`) nothing is left to learn: every label is
+    -100 and the caller should drop the example."""
+    check_messages(messages)
+    text, spans = render(fmt, tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    in_reply = [any(s <= start < e for s, e in spans) for start, _ in offsets]
+    trained = [i > 0 for i in range(len(ids))] if train_on_prompts else list(in_reply)
+    if max_length is not None and len(ids) > max_length:
+        ids, trained = _truncate(ids, trained, in_reply, offsets, spans, max_length, tokenizer.eos_token_id)
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
+    return Encoded(ids, labels)
+
+
+def _truncate(ids, trained, in_reply, offsets, spans, max_length, eos_id):
+    # Token index just past each reply's end: cut points at turn boundaries.
+    ends = [next((i for i, (a, _) in enumerate(offsets) if a >= e), len(ids)) for _, e in spans]
+    fitting = [k for k in ends if k <= max_length and any(trained[:k])]
+    if fitting:
+        k = max(fitting)
+        return ids[:k], trained[:k]
+    k = max(1, max_length)
+    if in_reply[k - 1] and (k < 2 or not in_reply[k - 2]):
+        k -= 1  # only the reply's first token would fit: cut before the reply instead
+    ids, trained = ids[:k], trained[:k]
+    if k and in_reply[k - 1] and eos_id is not None:
+        ids[-1], trained[-1] = eos_id, True
+    return ids, trained
+
+
+def prompt_ids(fmt: ChatFormat, tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a serving prompt: the conversation so far, ending where the assistant speaks."""
+    check_messages(messages)
+    if messages[-1]["role"] != "user":
+        raise UserError("a prompt must end with a user message")
+    text, _ = render(fmt, tokenizer, messages, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def stop_strings(fmt: ChatFormat) -> list[str]:
+    return list(fmt.stop)
+
+
+def parse_guanaco_text(text: str) -> list[dict]:
+    """Split Guanaco-format text ("### Human: ... ### Assistant: ...") into messages.
+
+    Text before the first marker becomes a system message when it is not blank. EOS strings are the
+    caller's business (strip them first)."""
+    import re
+
+    pieces = re.split(r"(### Human:|### Assistant:)", text)
+    messages = []
+    head = pieces[0].strip()
+    if head:
+        messages.append({"role": "system", "content": head})
+    for marker, body in zip(pieces[1::2], pieces[2::2]):
+        role = "user" if marker == GUANACO_HUMAN else "assistant"
+        messages.append({"role": role, "content": body.strip()})
+    return messages

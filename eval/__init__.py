@@ -1,0 +1,1 @@
+"""Evaluation programs: question sets, answer generation, pairwise judging, leaderboards."""
