@@ -1,0 +1,125 @@
+"""Where records come from: a local file or folder, or a dataset on the Hugging Face hub.
+
+A source is read into `Record`s, one per JSON line (or parquet row, JSON-array item, dataset row),
+each knowing its location for error messages. Nothing here knows what a record means.
+
+- `*.jsonl`, `*.json` (JSON lines, or one JSON array), optionally gzip-compressed (`*.gz`);
+- `*.parquet` (read with pyarrow, which `datasets` brings along);
+- a folder, or a hub id like `OpenAssistant/oasst1`: `datasets.load_dataset`, split "train" unless the
+  source ends in `:SPLIT` (`OpenAssistant/oasst1:validation`);
+- `sample`: the OASST1-format sample bundled with chatbuild (unless a file of that name exists).
+"""
+
+import gzip
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatbuild.errors import UserError, where
+
+SAMPLE = Path(__file__).resolve().parent / "sample" / "oasst1_sample.jsonl"
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")
+
+
+@dataclass
+class Record:
+    location: str  # file (or dataset) the record comes from
+    index: int  # 1-based line, row or item number
+    unit: str  # "line", "row" or "item"
+    value: object = None  # the parsed record; None when `error` says why it could not be parsed
+    error: str | None = None
+
+    def where(self, field: str | None = None) -> str:
+        """'file.jsonl:12, field "role"' (lines) or 'file.parquet, row 12, field "role"'."""
+        if self.unit == "line":
+            return where(self.location, self.index, field)
+        out = f"{self.location}, {self.unit} {self.index}"
+        return out + (f', field "{field}"' if field else "")
+
+
+def resolve(source: str) -> str:
+    """The path or hub id a source name stands for (`sample` -> the bundled sample)."""
+    if source == "sample" and not Path(source).exists():
+        return str(SAMPLE)
+    return str(source)
+
+
+def read_records(source: str) -> Iterator[Record]:
+    """Every record of `source`, in order (see the module docstring for what a source can be)."""
+    source = resolve(source)
+    path = Path(source)
+    if path.is_file():
+        name = path.name.lower()
+        if name.endswith(".parquet"):
+            return _read_parquet(path)
+        return _read_json(path, compressed=name.endswith(".gz"))
+    if path.is_dir() or _HUB_ID.match(source):
+        return _read_dataset(source)
+    raise UserError(f"{source}: no such file, and not a hub dataset id (like OpenAssistant/oasst1)")
+
+
+def _read_json(path: Path, compressed: bool) -> Iterator[Record]:
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            head = f.read(4096).lstrip()
+            f.seek(0)
+            if head.startswith(b"["):
+                yield from _read_json_array(path, f.read())
+                return
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    yield Record(str(path), n, "line", json.loads(raw.decode("utf-8")))
+                except UnicodeDecodeError:
+                    yield Record(str(path), n, "line", error="not UTF-8 text")
+                except json.JSONDecodeError as e:
+                    yield Record(str(path), n, "line", error=f"malformed JSON ({e.msg} at column {e.colno})")
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+
+
+def _read_json_array(path: Path, data: bytes) -> Iterator[Record]:
+    try:
+        items = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where(path, e.lineno)}: malformed JSON ({e.msg} at column {e.colno})") from None
+    for n, item in enumerate(items, 1):
+        yield Record(str(path), n, "item", item)
+
+
+def _read_parquet(path: Path) -> Iterator[Record]:
+    try:
+        import pyarrow.parquet as pq
+
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        n = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                n += 1
+                yield Record(str(path), n, "row", row)
+    except ImportError:
+        raise UserError("reading parquet needs pyarrow: pip install pyarrow") from None
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _read_dataset(source: str) -> Iterator[Record]:
+    name, _, split = source.partition(":") if not Path(source).exists() else (source, "", "")
+    split = split or "train"
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split)
+    except ImportError:
+        raise UserError("reading a hub dataset needs the `datasets` package: pip install datasets") from None
+    except Exception as e:  # offline, unknown id, no such split, a folder datasets cannot read: all user-fixable
+        raise UserError(f"{source}: cannot load it as a dataset ({type(e).__name__}: {e})") from None
+    label = f"{name} (split {split})"
+    for n, row in enumerate(ds, 1):
+        yield Record(label, n, "row", row)
