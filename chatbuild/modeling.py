@@ -1,0 +1,145 @@
+"""Loading the base model and tokenizer, and attaching LoRA.
+
+`load_base_model` is the only place a `BitsAndBytesConfig` is built and `attach_lora` the only place
+a `peft.LoraConfig` is: QLoRA is LoRA with `quant="nf4"`, not a second code path.
+
+Settings arrive as plain arguments (from `chatbuild.config`, a run folder's `config.yaml`, or a
+caller), so the same functions serve fine-tuning, merging, serving and benchmarks.
+"""
+
+import os
+import warnings
+
+from chatbuild.errors import UserError
+
+TINY_BASE = "tiny"  # the embedded default base's name in configs (see pipelines/tiny_base.py)
+
+
+def default_device() -> str:
+    """The device this process should use: its own GPU under torchrun/accelerate, else cuda:0, else CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def resolve_dtype(name: str, device: str | None = None):
+    """torch dtype for a setting name; "auto" = bf16 where the GPU has it, fp16 on older GPUs,
+    fp32 on CPU (bitsandbytes' CPU kernels and CPU matmuls are fastest and exact there)."""
+    import torch
+
+    if name == "auto":
+        device = device or default_device()
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    except KeyError:
+        raise UserError(f'compute dtype "{name}" is unknown; use auto, bfloat16, float16 or float32') from None
+
+
+def quantization_config(quant: str, double_quant: bool, compute_dtype, quant_storage: str = "uint8"):
+    """The BitsAndBytesConfig for a quantization setting (None for quant="none").
+
+    `quant_storage` is the dtype the packed 4-bit weights are stored in: uint8 normally; bfloat16
+    (the compute dtype) when FSDP must shard them along with the rest of the model."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quant == "none":
+        return None
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant in ("nf4", "fp4"):
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=double_quant,
+                                  bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=getattr(torch, quant_storage))
+    raise UserError(f'quantization "{quant}" is unknown; use nf4, fp4, int8 or none')
+
+
+def check_causal_lm(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """Read a model's config and make sure it is a causal language model; returns the config.
+    Fails before any weights are read, with a message that says what was found."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'base model "{name}" could not be read: {first}') from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise UserError(f'base model "{name}" is a "{config.model_type}" model, not a causal language model')
+    return config
+
+
+def load_base_model(name: str, revision: str | None = None, quant: str = "nf4", double_quant: bool = True,
+                    compute_dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False,
+                    attn_implementation: str | None = None, quant_storage: str = "uint8"):
+    """Load a base model for training or serving, frozen, quantized as asked, on one device."""
+    from transformers import AutoModelForCausalLM
+
+    check_causal_lm(name, revision, trust_remote_code)
+    device = device or default_device()
+    dtype = resolve_dtype(compute_dtype, device)
+    q = quantization_config(quant, double_quant, dtype, quant_storage)
+    kwargs = {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        name, revision=revision, quantization_config=q, dtype=dtype, device_map={"": device},
+        trust_remote_code=trust_remote_code, **kwargs,
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The base's tokenizer, made ready for batching.
+
+    A tokenizer without a pad token (Llama's, ours) gets its UNK token (else EOS) as pad token. We never
+    add a token for padding: padded positions are masked out of attention and loss anyway, and an
+    unchanged vocabulary keeps adapters free of embedding weights (so vLLM can serve them)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'tokenizer of "{name}" could not be read: {first}') from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    if tok.eos_token is None:
+        raise UserError(f'tokenizer of "{name}" has no EOS token; chatbuild needs one to end replies')
+    return tok
+
+
+def attach_lora(model, r: int, alpha: int, dropout: float, targets="all-linear", gradient_checkpointing: bool = True,
+                modules_to_save: list[str] | None = None):
+    """Wrap a (frozen, possibly quantized) base model with fresh LoRA adapters (peft).
+
+    Returns the PeftModel. For quantized bases peft's `prepare_model_for_kbit_training` casts norms
+    and the head to fp32 and enables input gradients so checkpointing works through frozen layers."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    with warnings.catch_warnings():
+        # peft still calls transformers' gradient_checkpointing_* names, deprecated in transformers 5
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+        if quantized:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        task_type="CAUSAL_LM", modules_to_save=modules_to_save)
+    return get_peft_model(model, config)
+
+
+def vocab_mismatch(model, tokenizer) -> int:
+    """How many tokenizer ids have no embedding row (> 0 means the embeddings must grow)."""
+    return max(0, len(tokenizer) - model.get_input_embeddings().weight.shape[0])
