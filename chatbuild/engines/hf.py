@@ -1,0 +1,423 @@
+"""The in-process engine: one quantized base, several run adapters, chosen per request.
+
+    engine = HFEngine.from_runs(["runs/a", "runs/b"])      # base and quantization from the runs' config.yaml
+    engine.models()                                         # ["a", "b", "tiny-base"]: runs, then the bare base
+    engine.load_adapter("c", "runs/c")                      # hot-load another run on the same base
+
+How a request picks its adapter without touching shared state: every forward pass gets PEFT's
+`adapter_names=[adapter]` (PEFT's mixed-adapter inference; `"__base__"` = no adapter), so nothing like
+`set_adapter` is ever toggled. PEFT implements `adapter_names` with forward hooks that live for the
+duration of one call on the shared modules, so calls must not overlap: forward passes are serialized
+by one lock, one token step at a time. Concurrent requests therefore interleave token by token, and
+each gets exactly the tokens it would get alone (batch 1, its own KV cache, its own seeded sampler).
+Batching several requests into one forward pass (PEFT's mixed batches) is the obvious next step for
+throughput; this engine keeps the simple, exact form.
+
+The decode loop is ours rather than `model.generate` because it needs, per token: the lock, the
+cancel check, the stop strings, and the running token counts. Sampling uses transformers' own logits
+processors, in `generate`'s order (repetition penalty, temperature, top-k, top-p).
+"""
+
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatbuild.engines import (
+    BASE_ADAPTER,
+    Chunk,
+    GenerationParams,
+    PromptTooLong,
+    UnknownModel,
+    check_params,
+)
+from chatbuild.errors import UserError
+from chatbuild.runs import Run, load_run
+from chatbuild.templates import ChatFormat, prompt_ids
+
+
+@dataclass
+class ServedModel:
+    """One name an engine answers to: a run's adapter, or the bare base."""
+
+    name: str
+    adapter: str  # PEFT adapter name, or BASE_ADAPTER
+    tokenizer: object
+    chat_format: ChatFormat
+    run_path: Path | None = None
+
+
+@dataclass
+class GenerationRecord:
+    """How one finished generation went (kept in `HFEngine.recent`, newest last)."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    seconds: float
+
+
+class HFEngine:
+    """A `ChatEngine` over transformers + bitsandbytes + PEFT (see the module docstring)."""
+
+    def __init__(self, base: str, *, revision: str | None = None, quant: str = "nf4", double_quant: bool = True,
+                 compute_dtype: str = "auto", quant_storage: str = "uint8", trust_remote_code: bool = False,
+                 device: str | None = None, base_name: str | None = None, chat_format: ChatFormat | None = None,
+                 max_prompt_tokens: int | None = None):
+        """Load the base model (quantized as asked) and serve it bare under `base_name` (default: the
+        base's folder name or hub id). Adapters come with `load_adapter`. `chat_format` is how the bare
+        base is prompted (default: Guanaco); `max_prompt_tokens` caps prompts below the context window."""
+        from chatbuild.modeling import load_base_model, load_tokenizer
+
+        self.model = load_base_model(base, revision, quant, double_quant, compute_dtype, device, trust_remote_code,
+                                     quant_storage=quant_storage)
+        self.model.eval()
+        self.device = next(self.model.parameters()).device
+        self.base_key = (_normalized(base), revision, quant)  # what a run must be trained on to be served here
+        self.context_window = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.base_name = base_name or _default_base_name(base)
+        self.recent: deque[GenerationRecord] = deque(maxlen=256)
+        self._models = {self.base_name: ServedModel(self.base_name, BASE_ADAPTER,
+                                                    load_tokenizer(base, revision, trust_remote_code),
+                                                    chat_format or ChatFormat())}
+        self._lock = threading.Lock()  # forward passes and adapter loading, one at a time
+        self._tokenize_lock = threading.Lock()  # fast tokenizers are not safe to call concurrently
+        self._count_lock = threading.Lock()
+        self._active = 0
+        self._adapters_loaded = 0
+
+    @classmethod
+    def from_runs(cls, runs: Sequence[str | Path] = (), *, base: str | None = None, base_name: str | None = None,
+                  device: str | None = None, max_prompt_tokens: int | None = None) -> "HFEngine":
+        """An engine serving run folders on their shared base, plus the bare base.
+
+        All runs must name the same base, revision and quantization (one base per engine: start one
+        server per base otherwise); the first run's remaining model settings (double quantization,
+        compute dtype) are the engine's. `base` replaces the base path the runs name (e.g. a local copy of
+        the same model); with no runs it is the base to serve alone. Model names are the runs'
+        `config.name`, made unique with a -2, -3, ... suffix."""
+        from chatbuild.config import ModelSettings
+
+        loaded = [load_run(r) for r in runs]
+        if not loaded and not base:
+            raise UserError("nothing to serve: give one or more run folders, or a base model")
+        keys = {}
+        for run in loaded:
+            keys.setdefault(_run_key(run), []).append(run)
+        if len(keys) > 1:
+            groups = "; ".join(f"{', '.join(r.name for r in rs)} on {_describe(k)}" for k, rs in keys.items())
+            raise UserError(f"these runs were trained on different bases ({groups}); one server hosts one base, "
+                            "so start one `chatbuild serve` per base")
+        m = loaded[0].config.model if loaded else ModelSettings(base=base)
+        engine = cls(base or m.base, revision=m.revision, quant=m.quant, double_quant=m.double_quant,
+                     compute_dtype=m.compute_dtype, quant_storage=m.quant_storage, trust_remote_code=m.trust_remote_code,
+                     device=device, base_name=base_name, chat_format=loaded[0].chat_format if loaded else None,
+                     max_prompt_tokens=max_prompt_tokens)
+        if loaded:
+            engine.base_key = _run_key(loaded[0])  # what later runs must name, even when `base` moved it
+        for run in loaded:
+            engine.load_adapter(engine.unique_name(run.name), run.path)
+        return engine
+
+    # ── models ──────────────────────────────────────────────────────────────────────────────
+    def models(self) -> list[str]:
+        """Run names in load order, then the bare base."""
+        served = list(self._models.values())
+        return [m.name for m in served if m.adapter != BASE_ADAPTER] + [self.base_name]
+
+    def unique_name(self, name: str) -> str:
+        """`name`, or `name-2`, `name-3`, ... if it is taken."""
+        candidate, n = name, 1
+        while candidate in self._models:
+            n += 1
+            candidate = f"{name}-{n}"
+        return candidate
+
+    def load_adapter(self, name: str, run_path: str | Path) -> str:
+        """Serve the run folder at `run_path` under `name` (hot: requests keep running meanwhile,
+        pausing for the moment the adapter is attached). The run must be trained on this engine's
+        base. Returns the name."""
+        from peft import PeftModel
+
+        from chatbuild.modeling import load_tokenizer, vocab_mismatch
+
+        run = load_run(run_path)
+        if name in self._models:
+            raise UserError(f'a model named "{name}" is already served; pick another name')
+        if _run_key(run) != self.base_key:
+            raise UserError(f"{run.path}: trained on {_describe(_run_key(run))}, but this engine serves "
+                            f"{_describe(self.base_key)}")
+        tokenizer = load_tokenizer(str(run.tokenizer_dir))
+        if vocab_mismatch(self.model, tokenizer):
+            raise UserError(f"{run.path}: its tokenizer has more ids than the base has embeddings (a run with "
+                            "resized embeddings); serving such runs is not supported")
+        with self._lock:
+            if name in self._models:  # checked again: another thread may have taken the name meanwhile
+                raise UserError(f'a model named "{name}" is already served; pick another name')
+            adapter = f"adapter{self._adapters_loaded}"  # PEFT names are module keys: no dots, so not the run name
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(run.adapter_dir), adapter_name=adapter)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(run.adapter_dir), adapter_name=adapter)
+            self.model.eval()
+            self._adapters_loaded += 1
+            self._models[name] = ServedModel(name, adapter, tokenizer, run.chat_format, run.path)
+        return name
+
+    def _served(self, model: str) -> ServedModel:
+        served = self._models.get(model)
+        if served is None:
+            raise UnknownModel(model, self.models())
+        return served
+
+    # ── requests ────────────────────────────────────────────────────────────────────────────
+    def count_tokens(self, messages: list[dict], model: str) -> int:
+        """Prompt tokens `messages` make for `model` (UserError if the conversation is malformed)."""
+        return len(self._prompt(self._served(model), messages))
+
+    def prompt_limit(self) -> int | None:
+        """The most prompt tokens a request may have: the context window less one token to reply
+        with, lowered to `max_prompt_tokens` if that is set."""
+        limits = [n for n in (self.context_window and self.context_window - 1, self.max_prompt_tokens) if n]
+        return min(limits) if limits else None
+
+    def _prompt(self, served: ServedModel, messages: list[dict]) -> list[int]:
+        with self._tokenize_lock:
+            return prompt_ids(served.chat_format, served.tokenizer, messages)
+
+    def stream(self, messages: list[dict], params: GenerationParams, model: str,
+               cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        """Stream a reply (ChatEngine contract). The request is checked now; tokens are generated
+        as the returned iterator is read, in the reading thread."""
+        served = self._served(model)
+        check_params(params)
+        ids = self._prompt(served, messages)
+        limit = self.prompt_limit()
+        if limit is not None and len(ids) > limit:
+            raise PromptTooLong(len(ids), limit, model)
+        return self._generate(served, ids, params, cancel)
+
+    @property
+    def active(self) -> int:
+        """Generations in progress right now."""
+        return self._active
+
+    def _generate(self, served: ServedModel, ids: list[int], params: GenerationParams,
+                  cancel: threading.Event | None) -> Iterator[Chunk]:
+        import torch
+
+        with self._count_lock:
+            self._active += 1
+        started, finish, generated, done = time.perf_counter(), "length", [], False
+        try:
+            tokenizer = served.tokenizer
+            eos = _eos_ids(tokenizer, self.model)
+            reply = ReplyText(tokenizer, [] if params.choices else [*served.chat_format.stop, *params.stop])
+            pick = _token_picker(params, self.device)
+            if params.choices:
+                pick, eos = _choice_picker(pick, tokenizer, params.choices), set()
+            budget = params.max_new_tokens
+            if self.context_window:
+                budget = min(budget, self.context_window - len(ids))
+            seen = torch.tensor([ids], device=self.device)  # prompt + reply so far, for the repetition penalty
+            step_input, cache, last_piece = seen, None, None
+            while len(generated) < budget:
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+                with torch.inference_mode():
+                    with self._lock:  # looked up per step: `load_adapter` may wrap a bare base meanwhile
+                        adapter = {"adapter_names": [served.adapter]} if _is_peft(self.model) else {}
+                        out = self.model(input_ids=step_input, past_key_values=cache, use_cache=True,
+                                         logits_to_keep=1, **adapter)
+                    cache = out.past_key_values
+                    token = pick(seen, out.logits[:, -1, :].float())
+                if token is None:  # a choice is complete
+                    finish = "stop"
+                    break
+                generated.append(token)
+                if token in eos:
+                    finish = "stop"
+                    break
+                piece, stopped = reply.push(token)
+                if stopped:
+                    finish, last_piece = "stop", piece
+                    break
+                if piece:
+                    yield Chunk(piece, None, len(ids), len(generated))
+                step_input = torch.tensor([[token]], device=self.device)
+                seen = torch.cat([seen, step_input], dim=1)
+            done = True
+            yield Chunk(reply.flush() if last_piece is None else last_piece, finish, len(ids), len(generated))
+        except GeneratorExit:  # the reader closed the iterator mid-reply: that is a cancel too
+            if not done:
+                finish = "cancelled"
+            raise
+        finally:
+            with self._count_lock:
+                self._active -= 1
+            self.recent.append(GenerationRecord(served.name, len(ids), len(generated), finish,
+                                                time.perf_counter() - started))
+
+    def close(self) -> None:
+        """Drop the model and adapters (and the GPU memory they held)."""
+        import gc
+
+        import torch
+
+        with self._lock:
+            self._models.clear()
+            self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class ReplyText:
+    """Turns generated token ids into reply text, piece by piece, safe to show as it comes.
+
+    The reply is decoded whole at every token (SentencePiece-style decoders are not additive: a
+    token's text depends on its neighbours) and only the part that can no longer change is released.
+    Held back are: the text of a trailing run of byte-fallback tokens (`<0x..>`: the decoder turns a
+    run into characters only if the whole run is valid UTF-8, so "3" can become "\ufffd" once the next
+    byte arrives), a trailing incomplete character (byte-level BPEs), text that could be the start of
+    a stop string, and trailing whitespace. Leading whitespace of the reply (the space after
+    "### Assistant:") and the whitespace before a stop string are dropped. The pieces add up to the
+    decoded reply. `push` returns (new text, whether a stop string ended the reply)."""
+
+    BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.sent = ""
+        self._byte_run_start: int | None = None  # where the trailing run of byte tokens begins
+
+    def _text(self, upto: int | None = None) -> str:
+        return self.tokenizer.decode(self.ids[:upto], skip_special_tokens=True).lstrip()
+
+    def _release(self, upto: str) -> str:
+        if len(upto) <= len(self.sent) or not upto.startswith(self.sent):
+            return ""
+        piece, self.sent = upto[len(self.sent):], upto
+        return piece
+
+    def push(self, token: int) -> tuple[str, bool]:
+        self.ids.append(token)
+        if self.BYTE_TOKEN.fullmatch(str(self.tokenizer.convert_ids_to_tokens(token))):
+            if self._byte_run_start is None:
+                self._byte_run_start = len(self.ids) - 1
+        else:
+            self._byte_run_start = None
+        text = self._text()
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            return self._release(text[:min(hits)].rstrip()), True
+        stable = text if self._byte_run_start is None else self._text(self._byte_run_start)
+        safe = stable.rstrip("\ufffd")
+        held = max((k for s in self.stop for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
+        return self._release(safe[:len(safe) - held].rstrip()), False
+
+    def flush(self) -> str:
+        """The rest of the reply, once no more tokens come."""
+        return self._release(self._text().rstrip())
+
+
+# ── helpers ─────────────────────────────────────────────────────────────────────────────────
+def _token_picker(params: GenerationParams, device):
+    """A function (seen ids, next-token logits [1, vocab]) -> token id implementing `params`."""
+    import torch
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.temperature == 0:
+        return lambda seen, logits: int(processors(seen, logits).argmax(dim=-1))
+    processors.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k > 0:
+        processors.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(params.top_p))
+    # A generator per request: a seeded request draws the same tokens whatever else runs concurrently.
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+
+    def pick(seen, logits):
+        probs = torch.softmax(processors(seen, logits), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    return pick
+
+
+def _choice_picker(pick, tokenizer, choices: list[str]):
+    """Wrap a token picker so the reply spells one of `choices`: at each step only tokens that
+    continue some choice keep their logits; None once a choice is complete (and no longer one
+    could still be meant, a shorter complete choice wins when its sibling is not preferred)."""
+    import torch
+
+    sequences = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    so_far: list[int] = []
+
+    def constrained(seen, logits):
+        n = len(so_far)
+        live = [s for s in sequences if s[:n] == so_far]
+        if any(len(s) == n for s in live) and not any(len(s) > n for s in live):
+            return None
+        allowed = sorted({s[n] for s in live if len(s) > n})
+        masked = torch.full_like(logits, float("-inf"))
+        masked[..., allowed] = logits[..., allowed]
+        token = pick(seen, masked)
+        so_far.append(token)
+        return token
+
+    return constrained
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    return {i for i in ids if i is not None}
+
+
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _normalized(base: str) -> str:
+    """A local base path in one spelling (absolute), so the same folder compares equal."""
+    path = Path(base).expanduser()
+    return str(path.resolve()) if path.exists() else base
+
+
+def _default_base_name(base: str) -> str:
+    path = Path(base).expanduser()
+    return path.resolve().name if path.exists() else base
+
+
+def _run_key(run: Run) -> tuple:
+    """What a run needs from the engine's base: the same weights, quantized the same way."""
+    m = run.config.model
+    return (_normalized(m.base), m.revision, m.quant)
+
+
+def _describe(key: tuple) -> str:
+    base, revision, quant = key
+    return f"base {base}" + (f"@{revision}" if revision else "") + f" ({quant})"

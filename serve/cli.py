@@ -1,0 +1,100 @@
+"""`chatbuild serve`: one process with the OpenAI-compatible API (/v1), the UI (/) and /healthz.
+
+    chatbuild serve runs/tiny-a runs/tiny-b                # one 4-bit base + both adapters + the bare base
+    chatbuild serve --base huggyllama/llama-7b             # a base alone
+    chatbuild serve runs/a --host 0.0.0.0 --port 8000 --api-key "$KEY"    # or env CHATBUILD_API_KEY
+    chatbuild serve --engine openai --remote-url http://gpu-box:8000/v1 --remote-key "$KEY"
+    chatbuild serve runs/a runs/b --engine vllm             # starts `vllm serve` (CUDA), stops it on exit
+    python -m serve.cli runs/tiny-a                        # the same, without the console script
+
+The models load first (a few seconds for the tiny base, minutes for a 65B one), then the server
+listens; run folders are checked before anything heavy starts.
+"""
+
+import argparse
+import os
+import sys
+
+from chatbuild.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from serve.settings import Settings
+
+    d = Settings()
+    p.add_argument("runs", nargs="*", metavar="RUN",
+                   help="run folders to serve (hf engine); model names with --engine openai")
+    p.add_argument("--base", help="base model id or path: alone without RUNs, else instead of the base the runs name")
+    p.add_argument("--base-name", help="the bare base's model name (default: its folder name or hub id)")
+    p.add_argument("--engine", choices=("hf", "openai", "vllm"), default="hf",
+                   help="hf: load the models in this process (default); openai: forward to --remote-url; "
+                        "vllm: start `vllm serve` for the runs (CUDA) and forward to it")
+    p.add_argument("--remote-url", help="OpenAI-compatible server for --engine openai (e.g. http://host:8000/v1)")
+    p.add_argument("--remote-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="API key of the remote server (default: env OPENAI_API_KEY)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("CHATBUILD_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: env CHATBUILD_API_KEY; unset = open)")
+    p.add_argument("--no-ui", action="store_true", help="serve the API only")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"largest max_tokens a request may ask (default {d.max_new_tokens})")
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help=f"default {d.max_prompt_tokens}")
+    p.add_argument("--max-running", type=int, default=d.max_running, help=f"generations at once (default {d.max_running})")
+    p.add_argument("--queue-size", type=int, default=d.queue_size,
+                   help=f"requests waiting beyond those; more get 429 (default {d.queue_size})")
+    p.add_argument("--device", help="device for the hf engine (default: cuda:LOCAL_RANK, else cpu)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from chatbuild.availability import require
+
+    for module in ("fastapi", "uvicorn"):
+        require(module, "chatbuild serve")
+    import uvicorn
+
+    from chatbuild.engines import open_engine
+    from chatbuild.runs import load_run
+    from serve.app import create_app
+    from serve.settings import Settings
+
+    # ── check what can be checked before anything heavy happens ──
+    if args.engine in ("hf", "vllm"):
+        if not args.runs and not args.base:
+            raise UserError("nothing to serve: give one or more run folders, or --base")
+        for r in args.runs:
+            load_run(r)  # a missing or broken run folder fails here, with its path
+    for name in ("max_new_tokens", "max_prompt_tokens", "max_running"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.queue_size < 0:
+        raise UserError("--queue-size must be >= 0")
+    settings = Settings(api_key=args.api_key or None, max_new_tokens=args.max_new_tokens,
+                        max_prompt_tokens=args.max_prompt_tokens, max_running=args.max_running,
+                        queue_size=args.queue_size)
+    if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"chatbuild serve: warning: listening on {args.host} without an API key; anyone who can reach "
+              "it can use it (--api-key or CHATBUILD_API_KEY)", file=sys.stderr)
+
+    # ── load, then serve ──
+    if args.engine == "vllm":  # chatbuild/engines/vllm.py: a `vllm serve` child behind the remote engine
+        from chatbuild.engines.vllm import launch_vllm
+
+        engine = launch_vllm(args.runs, base=args.base, base_name=args.base_name)
+    else:
+        engine = open_engine(args.runs, base=args.base, base_name=args.base_name, kind=args.engine,
+                             url=args.remote_url, api_key=args.remote_key, device=args.device)
+    try:
+        app = create_app(engine, settings, ui=not args.no_ui)
+        print(f"chatbuild serve: models {', '.join(engine.models())} on http://{args.host}:{args.port} "
+              "(API at /v1, docs at /docs)", file=sys.stderr, flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    from chatbuild.cli import main
+
+    raise SystemExit(main(["serve", *sys.argv[1:]]))

@@ -1,0 +1,22 @@
+"""The serving settings: every limit of `chatbuild serve` by name, in one dataclass.
+
+Kept apart from serve/api.py so that the CLI's --help and the UI read the defaults without FastAPI.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Settings:
+    """Limits and switches of one server. Every limit is a named setting here."""
+
+    api_key: str | None = None  # None: no authentication
+    max_messages: int = 256  # messages in one request
+    max_prompt_tokens: int = 4096  # tokens of the rendered prompt (engines that count tokens locally)
+    max_new_tokens: int = 2048  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 256  # when a request gives no max_tokens
+    max_body_bytes: int = 1_000_000  # request body size
+    max_running: int = 4  # generations at once
+    queue_size: int = 16  # requests waiting for a generation slot; one more gets 429
+    max_stop: int = 4  # stop strings in one request (OpenAI's limit)
+    db_path: str | None = None  # the UI's SQLite database (arena votes, ...); None: chatbuild.storage's default
