@@ -1,0 +1,355 @@
+"""Ratings from pairwise battles: online Elo, the QLoRA paper's averaged Elo, and Bradley–Terry.
+
+Pure functions over a table of battles (the idea of FastChat's `rating_systems.py`; our own code).
+Battles come as dicts in the battles JSONL shape (`chatbuild.battles`) or as a `BattleTable`.
+
+Outcome encoding — every method sees a battle as the score of `model_a`:
+
+    winner "model_a"                  → 1.0
+    winner "model_b"                  → 0.0
+    winner "tie" or "tie (bothbad)"   → 0.5   (both are ties, as in FastChat and the QLoRA paper)
+
+Scale — all ratings are on the Elo scale, where a gap of 400 points means 10:1 odds:
+
+    P(i beats j) = 1 / (1 + 10 ** ((R_j - R_i) / 400))
+
+Methods:
+- `compute_elo`: online Elo, battles in the given order, everyone starts at 1000; each battle moves
+  both ratings by K·(score − expected), so the sum of ratings never changes (zero-sum). Order matters.
+- `compute_paper_elo`: the QLoRA paper's tournament (Dettmers et al. 2023): start at 1000, K=32,
+  ties count 0.5, and the final ratings are averaged over N random orderings of the battles
+  (N=10,000 in the paper) to remove the order dependence. Orderings advance in lockstep over the
+  battle index as numpy arrays, 1,024 at a time: one pass over the battles per 1,024 orderings
+  instead of one Python loop per ordering (`bench/elo.py` measures it).
+- `compute_bt`: Bradley–Terry maximum likelihood, P(i beats j) = σ(θ_i − θ_j), ties as half a win for
+  each side, fitted by Newton's method. θ is in natural-log odds; on the Elo scale
+  R = 1000 + (400 / ln 10)·θ, i.e. "400·θ + 1000" with θ in log10 odds. Ratings are centred so
+  their mean is 1000 (or so that an `anchor` model sits at 1000). Order does not matter.
+- `bootstrap`: resample battles with replacement and recompute, for 95% percentile intervals;
+  `rank_upper_bound`: 1 + the number of models whose interval lies entirely above this one's
+  (FastChat's "rank (UB)"): the best rank the data cannot rule out.
+- `leaderboard`: one call for the CLI and the UI: ratings, intervals, battle counts, ranks.
+"""
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+BASE = 1000.0
+SCALE = 400.0  # Elo points per factor of 10 in the odds
+METHODS = ("paper", "elo", "bt")
+SCORE_OF = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5}  # per chatbuild.battles.WINNERS
+ORDERING_CHUNK = 1024  # orderings advanced together per pass (bounds memory at ~3 x n x 1024 x 8 bytes)
+
+
+@dataclass(frozen=True)
+class BattleTable:
+    """Battles as arrays. `models` are sorted names; `a`, `b` index into them (int64, shape (n,));
+    `score` is model_a's score per battle (float64: 1 win, 0.5 tie, 0 loss)."""
+
+    models: tuple[str, ...]
+    a: np.ndarray
+    b: np.ndarray
+    score: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    def take(self, index: np.ndarray) -> "BattleTable":
+        """The battles at `index` (with repeats, in that order), over the same models."""
+        return BattleTable(self.models, self.a[index], self.b[index], self.score[index])
+
+    def counts(self) -> np.ndarray:
+        """Battles each model took part in, shape (len(models),)."""
+        m = len(self.models)
+        return np.bincount(self.a, minlength=m) + np.bincount(self.b, minlength=m)
+
+
+def battle_table(battles: "Sequence[Mapping] | BattleTable") -> BattleTable:
+    """Battle dicts (validated, e.g. by `chatbuild.battles.read_battles`) → a `BattleTable`."""
+    if isinstance(battles, BattleTable):
+        return battles
+    models = tuple(sorted({b["model_a"] for b in battles} | {b["model_b"] for b in battles}))
+    index = {name: i for i, name in enumerate(models)}
+    a = np.fromiter((index[b["model_a"]] for b in battles), dtype=np.int64, count=len(battles))
+    b_ = np.fromiter((index[b["model_b"]] for b in battles), dtype=np.int64, count=len(battles))
+    score = np.fromiter((SCORE_OF[b["winner"]] for b in battles), dtype=np.float64, count=len(battles))
+    return BattleTable(models, a, b_, score)
+
+
+# ── online Elo ─────────────────────────────────────────────────────────────────────────────────
+def compute_elo(battles, k: float = 32.0, base: float = BASE, scale: float = SCALE) -> dict[str, float]:
+    """Online Elo in the battles' order: {model: rating}. Every model starts at `base`.
+
+    K=32 is the QLoRA paper's value (FastChat uses K=4 for its arena, which has far more battles)."""
+    t = battle_table(battles)
+    r = [base] * len(t.models)
+    c = math.log(10) / scale
+    for a, b, s in zip(t.a.tolist(), t.b.tolist(), t.score.tolist()):
+        e = 1.0 / (1.0 + math.exp((r[b] - r[a]) * c))
+        d = k * (s - e)
+        r[a] += d
+        r[b] -= d
+    return dict(zip(t.models, r))
+
+
+# ── the paper's Elo: mean over random orderings ────────────────────────────────────────────────
+def paper_orderings(n: int, permutations: int, seed: int = 0) -> list[np.ndarray]:
+    """The random orderings `compute_paper_elo` uses for `seed`, in chunks: arrays of shape
+    (≤ORDERING_CHUNK, n), each row a permutation of range(n), `permutations` rows in all.
+
+    Chunk i is drawn from its own child of `SeedSequence(seed)`, so chunks can be made and used in
+    any order (and by several threads) with the same result."""
+    return [_ordering_chunk(n, size, child) for size, child in _chunk_plan(permutations, seed)]
+
+
+def _chunk_plan(permutations: int, seed: int) -> list[tuple[int, np.random.SeedSequence]]:
+    sizes = [min(ORDERING_CHUNK, permutations - start) for start in range(0, permutations, ORDERING_CHUNK)]
+    return list(zip(sizes, np.random.SeedSequence(seed).spawn(len(sizes))))
+
+
+def _ordering_chunk(n: int, size: int, seed: np.random.SeedSequence) -> np.ndarray:
+    return np.random.default_rng(seed).permuted(np.tile(np.arange(n), (size, 1)), axis=1)
+
+
+def elo_over_orderings(battles, orders: np.ndarray, k: float = 32.0, base: float = BASE,
+                       scale: float = SCALE) -> np.ndarray:
+    """Online Elo run once per ordering, all orderings in lockstep: (p, n) orders → (p, models) ratings.
+
+    Row j of the result equals `compute_elo` over the battles in the order `orders[j]` (up to
+    floating-point rounding). The ratings live in one flat array, ordering j's at [j·m, (j+1)·m);
+    step t gathers the two ratings of each ordering's t-th battle and scatters the updates back.
+    Within a step each ordering touches two distinct slots of its own row, so scatters never collide."""
+    t = battle_table(battles)
+    orders = np.asarray(orders)
+    p, n = orders.shape
+    m = len(t.models)
+    r = np.full(p * m, float(base))
+    # (n, p) layouts: step t's battle indices / flat rating slots / scores, contiguous per step
+    by_step = np.ascontiguousarray(orders.T)
+    row = np.arange(p) * m
+    ia = np.take(t.a, by_step)
+    ia += row
+    ib = np.take(t.b, by_step)
+    ib += row
+    s = np.take(t.score, by_step)
+    del by_step
+    c = math.log(10) / scale
+    ra, rb, e = np.empty(p), np.empty(p), np.empty(p)
+    for step in range(n):
+        np.take(r, ia[step], out=ra)
+        np.take(r, ib[step], out=rb)
+        # e = k·(s − 1 / (1 + exp((rb − ra)·c))), computed in place
+        np.subtract(rb, ra, out=e)
+        np.multiply(e, c, out=e)
+        np.exp(e, out=e)
+        np.add(e, 1.0, out=e)
+        np.reciprocal(e, out=e)
+        np.subtract(s[step], e, out=e)
+        np.multiply(e, k, out=e)
+        ra += e
+        rb -= e
+        r[ia[step]] = ra
+        r[ib[step]] = rb
+    return r.reshape(p, m)
+
+
+def paper_elo_runs(battles, k: float = 32.0, base: float = BASE, scale: float = SCALE,
+                   permutations: int = 10_000, seed: int = 0, workers: int | None = None) -> np.ndarray:
+    """Final Elo ratings for each of `permutations` random orderings: shape (permutations, models).
+
+    Chunks of orderings run on `workers` threads (default: the CPUs this process may use); numpy
+    releases the GIL inside its array operations, so threads share the work."""
+    t = battle_table(battles)
+
+    def one(chunk: tuple[int, np.random.SeedSequence]) -> np.ndarray:
+        return elo_over_orderings(t, _ordering_chunk(len(t), *chunk), k, base, scale)
+
+    plan = _chunk_plan(permutations, seed)
+    workers = min(workers or _cpus(), len(plan))
+    if workers <= 1:
+        return np.concatenate([one(c) for c in plan])
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return np.concatenate(list(pool.map(one, plan)))
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def compute_paper_elo(battles, k: float = 32.0, base: float = BASE, scale: float = SCALE,
+                      permutations: int = 10_000, seed: int = 0) -> dict[str, float]:
+    """The QLoRA paper's Elo: {model: mean final rating over `permutations` random orderings}."""
+    t = battle_table(battles)
+    return dict(zip(t.models, paper_elo_runs(t, k, base, scale, permutations, seed).mean(axis=0).tolist()))
+
+
+# ── Bradley–Terry ──────────────────────────────────────────────────────────────────────────────
+def win_matrix(battles) -> np.ndarray:
+    """W[i, j] = wins of model i over model j, a tie counting half to each: shape (models, models)."""
+    t = battle_table(battles)
+    m = len(t.models)
+    out = np.zeros((m, m))
+    np.add.at(out, (t.a, t.b), t.score)
+    np.add.at(out, (t.b, t.a), 1.0 - t.score)
+    return out
+
+
+def fit_bt(wins: np.ndarray, reg: float = 1e-6, tol: float = 1e-10, max_iter: int = 200) -> np.ndarray:
+    """Bradley–Terry strengths θ (natural-log odds, mean 0) maximizing
+    Σ_ij W_ij·log σ(θ_i − θ_j) − reg/2·|θ|², by damped Newton steps.
+
+    The tiny ridge term keeps θ finite when a model won (or lost) every battle, where the maximum
+    likelihood estimate is infinite; such a model ends up a few thousand Elo points away."""
+    m = wins.shape[0]
+    games = wins + wins.T
+    theta = np.zeros(m)
+
+    def objective(th):
+        diff = th[:, None] - th[None, :]
+        return float(-(wins * np.logaddexp(0.0, -diff)).sum() - 0.5 * reg * th @ th)
+
+    value = objective(theta)
+    for _ in range(max_iter):
+        p = 1.0 / (1.0 + np.exp(-(theta[:, None] - theta[None, :])))  # P(i beats j)
+        grad = (wins - games * p).sum(axis=1) - reg * theta
+        if np.abs(grad).max() < tol * max(1.0, games.sum()):
+            break
+        h = games * p * (1.0 - p)
+        neg_hessian = np.diag(h.sum(axis=1) + reg) - h
+        step = np.linalg.solve(neg_hessian, grad)
+        size = 1.0
+        while size > 1e-8:  # backtracking: Newton's full step may overshoot far from the optimum
+            candidate = theta + size * step
+            new = objective(candidate)
+            if new >= value + 1e-4 * size * (grad @ step):
+                break
+            size /= 2
+        theta, value = candidate, new
+    return theta - theta.mean()
+
+
+def compute_bt(battles, base: float = BASE, scale: float = SCALE, anchor: str | None = None,
+               reg: float = 1e-6) -> dict[str, float]:
+    """Bradley–Terry ratings on the Elo scale: {model: base + scale·θ/ln 10}, mean `base`, or with
+    `anchor` the named model at exactly `base`."""
+    t = battle_table(battles)
+    ratings = base + scale / math.log(10) * fit_bt(win_matrix(t), reg=reg)
+    if anchor is not None:
+        ratings += base - ratings[t.models.index(anchor)]
+    return dict(zip(t.models, ratings.tolist()))
+
+
+# ── intervals and ranks ────────────────────────────────────────────────────────────────────────
+def bootstrap(battles, rate: Callable[[BattleTable], Mapping[str, float]], rounds: int = 100,
+              seed: int = 0) -> np.ndarray:
+    """Ratings of `rounds` resamples of the battles (n drawn with replacement, in the drawn order):
+    shape (rounds, models), columns in `battle_table(battles).models` order. A model that is absent
+    from a resample gets NaN there."""
+    t = battle_table(battles)
+    rng = np.random.default_rng(seed)
+    out = np.full((rounds, len(t.models)), np.nan)
+    col = {name: i for i, name in enumerate(t.models)}
+    for i in range(rounds):
+        sample = t.take(rng.integers(0, len(t), len(t)))
+        present = np.unique(np.concatenate([sample.a, sample.b]))
+        # re-index to the models present, so each method sees only models that actually played
+        sub = BattleTable(tuple(t.models[j] for j in present), np.searchsorted(present, sample.a),
+                          np.searchsorted(present, sample.b), sample.score)
+        for name, value in rate(sub).items():
+            out[i, col[name]] = value
+    return out
+
+
+def intervals(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile intervals per column of `samples` (rounds, models): (low, high)."""
+    tail = (1.0 - level) / 2 * 100
+    return np.nanpercentile(samples, tail, axis=0), np.nanpercentile(samples, 100 - tail, axis=0)
+
+
+def rank_upper_bound(low: Sequence[float], high: Sequence[float]) -> list[int]:
+    """1 + the number of models whose lower bound exceeds this model's upper bound."""
+    low, high = np.asarray(low), np.asarray(high)
+    return [1 + int((low > h).sum()) for h in high]
+
+
+def win_rates(battles) -> tuple[tuple[str, ...], np.ndarray]:
+    """(models, R): R[i, j] = share of i's battles against j that i won (ties half), NaN if none."""
+    t = battle_table(battles)
+    w = win_matrix(t)
+    games = w + w.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return t.models, np.where(games > 0, w / games, np.nan)
+
+
+# ── the leaderboard ────────────────────────────────────────────────────────────────────────────
+@dataclass
+class Rating:
+    """One leaderboard row. `ci_low`/`ci_high` are None when the method gave no interval; `rank` is
+    the rank upper bound where there are intervals, else the plain rank."""
+
+    model: str
+    rating: float
+    ci_low: float | None
+    ci_high: float | None
+    battles: int
+    rank: int
+
+
+def leaderboard(battles, method: str = "paper", *, k: float = 32.0, permutations: int = 10_000,
+                bootstrap_rounds: int | None = None, seed: int = 0) -> list[Rating]:
+    """Ratings of every model, best first.
+
+    Intervals (95%):
+    - `bootstrap_rounds` > 0: percentile bootstrap over battles, for any method (for `paper` each
+      round averages over `permutations` orderings, so the cost multiplies);
+    - default rounds: 100 for `bt`, 0 for `elo` and `paper`;
+    - `paper` without bootstrap: the paper's "±", a 95% interval for the mean over orderings
+      (1.96·sd/√N). It measures only the noise of the orderings, not of the battles;
+    - `elo` without bootstrap: none.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown rating method {method!r}; expected one of {METHODS}")
+    t = battle_table(battles)
+    if not len(t):
+        return []
+    if bootstrap_rounds is None:
+        bootstrap_rounds = 100 if method == "bt" else 0
+
+    def rate(table: BattleTable) -> dict[str, float]:
+        if method == "elo":
+            return compute_elo(table, k=k)
+        if method == "bt":
+            return compute_bt(table)
+        return compute_paper_elo(table, k=k, permutations=permutations, seed=seed)
+
+    low = high = None
+    if method == "paper":
+        runs = paper_elo_runs(t, k=k, permutations=permutations, seed=seed)
+        ratings = runs.mean(axis=0)
+        if not bootstrap_rounds:
+            half = 1.96 * runs.std(axis=0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else np.zeros(len(t.models))
+            low, high = ratings - half, ratings + half
+    else:
+        got = rate(t)
+        ratings = np.array([got[name] for name in t.models])
+    if bootstrap_rounds:
+        low, high = intervals(bootstrap(t, rate, bootstrap_rounds, seed=seed))
+    counts = t.counts()
+    if low is not None:
+        ranks = rank_upper_bound(low, high)
+    else:
+        order = np.argsort(-ratings, kind="stable")
+        ranks = [0] * len(t.models)
+        for place, i in enumerate(order, start=1):
+            ranks[i] = place
+    rows = [Rating(name, float(ratings[i]), None if low is None else float(low[i]),
+                   None if high is None else float(high[i]), int(counts[i]), ranks[i])
+            for i, name in enumerate(t.models)]
+    return sorted(rows, key=lambda r: (-r.rating, r.model))

@@ -1,0 +1,168 @@
+"""Answer generation and the whole `chatbuild eval run` loop over real HTTP, against one scripted
+OpenAI-compatible server that plays three models and the judge."""
+
+import json
+import re
+import sys
+import threading
+from collections import Counter
+
+import pytest
+from test_eval_server import Reply, ScriptedServer
+
+from chatbuild.cli import main
+from chatbuild.errors import UserError
+from eval.answers import ModelSpec, open_in_process_engine, parse_model, read_answers
+from eval.questions import load_questions
+
+STRENGTH = {"alpha": 3, "beta": 2, "gamma": 1}
+
+
+class ModelsAndJudge:
+    """Models reply "<<model:NAME>> ..." (stronger ones longer); the judge prefers the stronger
+    model's answer, whichever position it is shown in."""
+
+    def __init__(self, fail_question_text: str | None = None):
+        self.requests = Counter()  # (model, first user message) → count
+        self.bodies = []
+        self.lock = threading.Lock()
+        self.fail_question_text = fail_question_text
+
+    def __call__(self, body) -> Reply:
+        messages = body["messages"]
+        with self.lock:
+            self.bodies.append(body)
+        if messages[0]["role"] == "system" and "impartial judge" in messages[0]["content"]:
+            user = messages[-1]["content"]
+            split = re.split(r"\[The start of (?:the conversation with )?Assistant B", user)
+            a = re.findall(r"<<model:(\w+)>>", split[0])[-1]
+            b = re.findall(r"<<model:(\w+)>>", split[1])[-1]
+            return Reply("Comparing both. " + ("[[A]]" if STRENGTH[a] > STRENGTH[b] else "[[B]]"))
+        model = body["model"]
+        first = messages[0]["content"]
+        with self.lock:
+            self.requests[(model, first)] += 1
+        if first == self.fail_question_text:
+            return Reply(status=500)
+        turn = sum(m["role"] == "user" for m in messages)
+        return Reply(f"<<model:{model}>> turn {turn}: " + "words " * (5 * STRENGTH[model]))
+
+
+def test_answers_from_served_models_with_paper_sampling_and_resume(tmp_path, capsys):
+    questions = load_questions("demo")
+    multi = [q for q in questions if len(q.turns) > 1]
+    out = tmp_path / "answers"
+    script = ModelsAndJudge()
+    with ScriptedServer(script, models=["alpha", "beta"]) as server:
+        args = ["eval", "answers", "--questions", "demo", "--model", f"alpha@{server.url}",
+                "--model", f"beta@{server.url}", "--out", str(out), "--concurrency", "3"]
+        assert main(args) == 0
+        first_requests = sum(script.requests.values())
+        assert first_requests == 2 * sum(len(q.turns) for q in questions)
+        assert all(b["temperature"] == 0.7 and b["top_p"] == 0.9 and b["max_tokens"] == 512 for b in script.bodies)
+
+        recs = read_answers(out / "alpha.jsonl")
+        assert [r["question_id"] for r in recs] == [q.question_id for q in questions]  # in question order
+        r0 = recs[0]
+        assert set(r0) >= {"question_id", "model", "answer", "generation"} and r0["model"] == "alpha"
+        assert r0["generation"] == {"temperature": 0.7, "top_p": 0.9, "max_tokens": 512, "engine": "openai",
+                                    "url": server.url}
+        assert r0["question"] == list(questions[0].turns)
+        if multi:  # each turn saw the conversation so far
+            m = next(r for r in recs if r["question_id"] == multi[0].question_id)
+            assert len(m["answers"]) == len(multi[0].turns) and m["answer"] == m["answers"][-1]
+            assert m["answer"].startswith(f"<<model:alpha>> turn {len(multi[0].turns)}")
+
+        # resume: lose two answers and leave a cut-off last line; only those two are asked again
+        lines = (out / "alpha.jsonl").read_text().splitlines()
+        (out / "alpha.jsonl").write_text("\n".join(lines[2:]) + "\n" + lines[0][:25])
+        assert main(args) == 0
+        assert sum(script.requests.values()) == first_requests + len(questions[0].turns) + len(questions[1].turns)
+        assert [r["question_id"] for r in read_answers(out / "alpha.jsonl")] == [q.question_id for q in questions]
+        assert "cut-off last line" in capsys.readouterr().err
+
+
+def test_failed_questions_are_reported_and_the_rest_kept(tmp_path, capsys):
+    questions = load_questions("demo")
+    script = ModelsAndJudge(fail_question_text=questions[2].turns[0])
+    with ScriptedServer(script) as server:
+        args = ["eval", "answers", "--model", f"alpha@{server.url}", "--out", str(tmp_path), "--retries", "1"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "1 question(s) could not be answered" in err and "rerun to retry" in err
+        assert len(read_answers(tmp_path / "alpha.jsonl")) == len(questions) - 1
+
+
+def test_model_specs():
+    assert parse_model("gpt-4o@https://api.example.org/v1") == ModelSpec("gpt-4o", url="https://api.example.org/v1")
+    assert parse_model("org/model@http://127.0.0.1:8000") == ModelSpec("org/model", url="http://127.0.0.1:8000")
+    assert parse_model("tiny-base") == ModelSpec("tiny-base")  # a model of the in-process engine
+    with pytest.raises(UserError, match="no such run folder"):
+        parse_model("runs/missing")
+    with pytest.raises(UserError, match="needs at least one run folder"):
+        open_in_process_engine([ModelSpec("tiny-base")])
+
+
+def test_run_folders_without_the_engine_get_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "chatbuild.engines", None)  # as if the serving layer were absent
+    with pytest.raises(UserError, match="needs the serving layer's engine.*chatbuild serve"):
+        open_in_process_engine([ModelSpec("tiny", run=tmp_path)])
+
+
+def test_eval_run_end_to_end_and_resume(tmp_path, capsys):
+    script = ModelsAndJudge()
+    with ScriptedServer(script, models=list(STRENGTH) + ["judge"]) as server:
+        cfg = tmp_path / "eval.yaml"
+        cfg.write_text(
+            "questions: demo\n"
+            f"models: [alpha@{server.url}, beta@{server.url}, gamma@{server.url}]\n"
+            f"judge: {{url: '{server.url}', model: judge, backoff: 0.01}}\n"
+            "ratings: {method: bt, bootstrap: 20}\n"
+            "out: results\n"
+        )
+        assert main(["eval", "run", str(cfg), "judge.concurrency=4", "generation.concurrency=3"]) == 0
+        printed = capsys.readouterr().out
+        assert "== 1. answers" in printed and "== 3. ratings" in printed
+
+        out = tmp_path / "results"  # relative to the config file
+        for f in ("config.yaml", "answers/alpha.jsonl", "answers/gamma.jsonl", "judge.sqlite", "battles.jsonl",
+                  "battles.report.json", "leaderboard.json", "leaderboard.md", "leaderboard.png"):
+            assert (out / f).exists(), f
+        board = json.loads((out / "leaderboard.json").read_text())
+        assert board["method"] == "bt" and [r["model"] for r in board["ratings"]] == ["alpha", "beta", "gamma"]
+        n_questions = len(load_questions("demo"))
+        assert sum(r["battles"] for r in board["ratings"]) == 2 * 3 * n_questions
+
+        asked = len(script.bodies)
+        assert main(["eval", "run", str(cfg)]) == 0  # resumable: everything is already there
+        assert len(script.bodies) == asked
+
+
+def test_eval_run_config_errors(tmp_path, capsys):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("models: [a@http://x/v1]\njudge: {url: 'http://x/v1', model: j}\n")
+    assert main(["eval", "run", str(cfg)]) == 2
+    assert "at least two models" in capsys.readouterr().err
+    cfg.write_text("models: [a@http://x/v1, b@http://x/v1]\njudge: {url: 'http://x/v1', model: j}\nratngs: {}\n")
+    assert main(["eval", "run", str(cfg)]) == 2
+    assert "did you mean ratings" in capsys.readouterr().err
+    cfg.write_text("models: [a@http://x/v1, b@http://x/v1]\n")
+    assert main(["eval", "run", str(cfg)]) == 2
+    assert "judge.url and judge.model are required" in capsys.readouterr().err
+
+
+def test_eval_run_with_a_judge_that_never_gives_a_verdict(tmp_path, capsys):
+    """A tiny local judge rarely ends with [[A]]/[[B]]/[[TIE]]: the run reports it instead of crashing."""
+    script = ModelsAndJudge()
+
+    def respond(body):
+        reply = script(body)
+        return Reply("I like both.") if "impartial judge" in body["messages"][0]["content"] else reply
+
+    with ScriptedServer(respond) as server:
+        cfg = tmp_path / "eval.yaml"
+        cfg.write_text(f"models: [alpha@{server.url}, beta@{server.url}]\njudge: {{url: '{server.url}', model: j}}\n")
+        assert main(["eval", "run", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    assert "no battles to rate" in printed and "pairs had an unparseable verdict" in printed
+    assert not (tmp_path / "eval-out" / "leaderboard.json").exists()
