@@ -30,7 +30,9 @@ system-deps:
 	fi
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check chatbuild pipelines serve eval tests bench
+	$(BIN)/ruff check chatbuild pipelines serve eval tests bench docker
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/shellcheck docker/entrypoint.sh
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
