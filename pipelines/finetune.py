@@ -147,6 +147,7 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
     from chatbuild.data.batching import PackedCollator, PaddedCollator, tokenize_conversations
     from chatbuild.modeling import (
         attach_lora,
+        check_causal_lm,
         default_device,
         load_base_model,
         load_tokenizer,
@@ -167,6 +168,7 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
 
     # ── output folder (checked before anything heavy) ──
     cfg.model.base = resolve_base(cfg.model.base)
+    check_causal_lm(cfg.model.base, cfg.model.revision, cfg.model.trust_remote_code)  # reads config.json only
     resume_from = prepare_run_dir(cfg, resume, overwrite)
     run_dir = cfg.run_dir
     if main_process:

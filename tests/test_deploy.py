@@ -1,8 +1,8 @@
-"""Deployment files: Dockerfile, compose.yaml, .dockerignore, docker/, docs/hosting.md.
+"""Deployment files: Dockerfile, compose.yaml, .dockerignore, docker/, README.md ("Hosting a demo").
 
 No Docker engine runs here, so the checks are what can be checked without one: the linters
 (hadolint on the Dockerfile, shellcheck on the entry point), the files' contents parsed and held to
-what docs/hosting.md promises (non-root UID 1000, port 7860, a health check on /healthz with a start
+what README.md ("Hosting a demo") promises (non-root UID 1000, port 7860, a health check on /healthz with a start
 period, pinned base images, the same install commands), the health-check script and the entry
 point's logic run for real, and — integration — the `cpu` image's entry point run directly, the way
 the image runs it, fine-tuning the tiny demo into a temporary data folder and serving it until
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 HEALTHCHECK = REPO / "docker" / "healthcheck.py"
-HOSTING = REPO / "docs" / "hosting.md"
+HOSTING = REPO / "README.md"
 SERVING_TARGETS = ("cpu", "gpu")
 
 
@@ -200,7 +200,7 @@ def test_install_commands_match_the_docs_the_readme_and_the_makefile():
     commands = pip_installs()
     assert {stage for stage, _ in commands} == {"gpu-build", "cpu-build", "vllm"}
     for stage, command in commands:
-        assert " ".join(command.split()) in docs, f"{stage}: `{command}` is not in docs/hosting.md"
+        assert " ".join(command.split()) in docs, f"{stage}: `{command}` is not in README.md's Hosting a demo section"
     # the torch the Makefile pins, the UI extra the README installs, the plugin the vllm extra names
     makefile_torch = re.search(r"^TORCH\s*\?=\s*(\S+)", (REPO / "Makefile").read_text(), re.M).group(1)
     assert f'pip install "{makefile_torch}" ".[ui]"' in [c for _, c in commands]
