@@ -20,9 +20,13 @@ from chatbuild.errors import UserError
 COMMANDS = {
     "demo": ("chatbuild.demo", "set everything up on the embedded tiny model and run the main job"),
     "tiny-base": ("pipelines.tiny_base", "build the embedded tiny base model offline"),
+    "data": ("chatbuild.data.cli", "prepare or inspect conversation data (OASST1 trees, chat, ShareGPT, Alpaca, Guanaco)"),
     "finetune": ("pipelines.finetune", "QLoRA fine-tune: a preset plus key=value overrides -> a run folder"),
     "merge": ("pipelines.merge", "merge a run's adapter into its 16-bit base, or combine adapters"),
     "chat": ("pipelines.chat", "chat with a run in the terminal (4-bit base + adapter, streaming)"),
+    "serve": ("serve.cli", "serve runs: OpenAI-compatible API at /v1 and the chat UI, one 4-bit base + adapters"),
+    "arena": ("chatbuild.arena", "export stored arena/judge battles to battles JSONL, or import such a file"),
+    "eval": ("eval.cli", "evaluate models: answers, pairwise LLM judge, Elo/Bradley-Terry leaderboard"),
     "plan": ("pipelines.plan", "predict a fine-tune's peak GPU memory and whether it fits"),
 }
 

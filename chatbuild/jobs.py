@@ -1,0 +1,295 @@
+"""Fine-tune jobs: queued, run as separate processes, tracked in SQLite, surviving server restarts.
+
+The Builder tab submits jobs here; it never trains inside the web server's process. A job is one
+`python -m pipelines.finetune PRESET key=value ...` child process with its own log file, started in
+its own session so it outlives a server restart.
+
+States: queued → running → done | failed | cancelled. A cancelled or failed job can be resumed (it
+goes back to queued and continues from its last checkpoint). One job runs at a time per device by
+default; the rest wait in submission order. Two jobs never write one run folder: a submission whose
+output folder belongs to another unfinished job, or already holds a run, is refused.
+
+Cancel sends SIGTERM: the recipe finishes its current step, saves a checkpoint and exits with 143.
+On start, the manager reconciles what it finds: a "running" job whose process is gone is marked
+failed (or done, if its run folder is complete), with its log kept.
+"""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatbuild.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STATES = ("queued", "running", "done", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    name        TEXT NOT NULL,
+    preset      TEXT,
+    overrides   TEXT NOT NULL,          -- JSON list of key=value strings
+    run_dir     TEXT NOT NULL,
+    device      TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    pid         INTEGER,
+    resume      INTEGER NOT NULL DEFAULT 0,
+    cancel      INTEGER NOT NULL DEFAULT 0,
+    log_path    TEXT NOT NULL,
+    error       TEXT,
+    created     REAL NOT NULL,
+    started     REAL,
+    finished    REAL
+);
+"""
+
+
+@dataclass
+class Job:
+    id: int
+    name: str
+    preset: str | None
+    overrides: list[str]
+    run_dir: str
+    device: str
+    status: str
+    pid: int | None
+    resume: bool
+    cancel: bool
+    log_path: str
+    error: str | None
+    created: float
+    started: float | None
+    finished: float | None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def progress(self) -> dict:
+        """Latest metrics of the run: step, total steps, loss, tokens/s, memory, eval losses."""
+        metrics = Path(self.run_dir) / "metrics.jsonl"
+        rows = []
+        if metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a line being written right now
+        train = [r for r in rows if "loss" in r]
+        total = None
+        cfg = Path(self.run_dir) / "config.yaml"
+        if cfg.is_file():
+            import yaml
+
+            total = (yaml.safe_load(cfg.read_text()) or {}).get("train", {}).get("steps")
+        last = train[-1] if train else {}
+        return {"step": last.get("step", 0), "steps": total, "loss": last.get("loss"), "tokens_per_s": last.get("tokens_per_s"),
+                "memory_gb": last.get("memory_gb"), "train": [(r["step"], r["loss"]) for r in train],
+                "eval": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]}
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class JobManager:
+    """The job queue over one SQLite file. `tick()` advances it; `start()` runs tick in a thread."""
+
+    def __init__(self, db_path: str | Path, logs_dir: str | Path, max_running_per_device: int = 1,
+                 python: str = sys.executable):
+        self.db_path, self.logs_dir = Path(db_path), Path(logs_dir)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.max_running = max_running_per_device
+        self.python = python
+        self._children: dict[int, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        with self._db() as db:
+            db.executescript(SCHEMA)
+        self.reconcile()
+
+    def _db(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.row_factory = sqlite3.Row
+        return db
+
+    # ── queries ──
+    def get(self, job_id: int) -> Job:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UserError(f"no job {job_id}")
+        return _job(row)
+
+    def jobs(self) -> list[Job]:
+        with self._db() as db:
+            return [_job(r) for r in db.execute("SELECT * FROM jobs ORDER BY id DESC")]
+
+    # ── changes ──
+    def submit(self, name: str, run_dir: str | Path, preset: str | None = None, overrides: list[str] = (),
+               device: str = "default", overwrite: bool = False) -> Job:
+        """Queue a fine-tune. The settings must already be validated by the caller (the Builder shows
+        errors next to the fields); here only the output folder's ownership is checked."""
+        run_dir = str(Path(run_dir).resolve())
+        with self._lock, self._db() as db:
+            busy = db.execute("SELECT id FROM jobs WHERE run_dir = ? AND status IN ('queued', 'running')", (run_dir,)).fetchone()
+            if busy:
+                raise UserError(f"job {busy['id']} is already writing {run_dir}")
+            if Path(run_dir).is_dir() and any(Path(run_dir).iterdir()) and not overwrite:
+                raise UserError(f"{run_dir} already holds a run; choose another name, or overwrite it")
+            args = [*overrides, f"output_dir={run_dir}", f"name={name}"]
+            cur = db.execute(
+                "INSERT INTO jobs (name, preset, overrides, run_dir, device, status, log_path, created, resume) "
+                "VALUES (?, ?, ?, ?, ?, 'queued', '', ?, 0)",
+                (name, preset, json.dumps(args + (["--overwrite"] if overwrite else [])), run_dir, device, time.time()))
+            job_id = cur.lastrowid
+            db.execute("UPDATE jobs SET log_path = ? WHERE id = ?", (str(self.logs_dir / f"job-{job_id}.log"), job_id))
+        return self.get(job_id)
+
+    def cancel(self, job_id: int) -> Job:
+        """Queued: cancelled at once. Running: SIGTERM, the recipe checkpoints and stops."""
+        job = self.get(job_id)
+        with self._lock, self._db() as db:
+            if job.status == "queued":
+                db.execute("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ?", (time.time(), job_id))
+            elif job.status == "running":
+                db.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))
+                if _alive(job.pid):
+                    os.killpg(job.pid, signal.SIGTERM)
+            else:
+                raise UserError(f"job {job_id} is {job.status}; nothing to cancel")
+        return self.get(job_id)
+
+    def resume(self, job_id: int) -> Job:
+        """Put a cancelled or failed job back in the queue; it continues from its last checkpoint."""
+        job = self.get(job_id)
+        if job.status not in ("cancelled", "failed"):
+            raise UserError(f"job {job_id} is {job.status}; only cancelled or failed jobs can be resumed")
+        has_ckpt = any((Path(job.run_dir) / "checkpoints").glob("step-*/state.json"))
+        with self._lock, self._db() as db:
+            db.execute("UPDATE jobs SET status = 'queued', resume = ?, cancel = 0, error = NULL, finished = NULL, pid = NULL "
+                       "WHERE id = ?", (int(has_ckpt), job_id))
+        return self.get(job_id)
+
+    # ── the scheduler ──
+    def reconcile(self) -> None:
+        """Jobs marked running whose process is gone (e.g. the server restarted) are settled."""
+        with self._lock, self._db() as db:
+            for row in db.execute("SELECT * FROM jobs WHERE status = 'running'").fetchall():
+                job = _job(row)
+                if job.id in self._children or _alive(job.pid):
+                    continue
+                done = (Path(job.run_dir) / "adapter" / "adapter_model.safetensors").is_file()
+                db.execute("UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ?",
+                           ("done" if done else "failed", time.time(),
+                            None if done else "the training process ended while the server was away; see the log",
+                            job.id))
+
+    def tick(self) -> None:
+        """Collect finished children, then start queued jobs where a device is free."""
+        with self._lock, self._db() as db:
+            for job_id, proc in list(self._children.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del self._children[job_id]
+                job = _job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+                if code == 0:
+                    status, error = "done", None
+                elif job.cancel:
+                    status, error = "cancelled", None
+                else:
+                    status, error = "failed", _last_error(job.log_tail(80)) or f"exit code {code}"
+                db.execute("UPDATE jobs SET status = ?, error = ?, finished = ? WHERE id = ?", (status, error, time.time(), job_id))
+            running = {}
+            for r in db.execute("SELECT device, COUNT(*) AS n FROM jobs WHERE status = 'running' GROUP BY device"):
+                running[r["device"]] = r["n"]
+            for row in db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY id").fetchall():
+                job = _job(row)
+                if running.get(job.device, 0) >= self.max_running:
+                    continue
+                self._start(db, job)
+                running[job.device] = running.get(job.device, 0) + 1
+        self.reconcile()
+
+    def _start(self, db, job: Job) -> None:
+        cmd = [self.python, "-m", "pipelines.finetune", *([job.preset] if job.preset else []), *job.overrides,
+               "--no-progress", *(["--resume"] if job.resume else [])]
+        if job.resume:
+            cmd = [c for c in cmd if c != "--overwrite"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               "PYTHONUNBUFFERED": "1"}
+        log = open(job.log_path, "a")
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=str(REPO_ROOT), start_new_session=True)
+        log.close()
+        self._children[job.id] = proc
+        db.execute("UPDATE jobs SET status = 'running', pid = ?, started = ? WHERE id = ?", (proc.pid, time.time(), job.id))
+
+    def start(self, interval: float = 1.0) -> None:
+        """Advance the queue in a background thread until `stop()`."""
+        def loop():
+            while not self._stop.wait(interval):
+                self.tick()
+
+        self.tick()
+        self._thread = threading.Thread(target=loop, name="chatbuild-jobs", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def wait(self, job_id: int, timeout: float = 600, poll: float = 0.2) -> Job:
+        """Tick until the job has finished (for tests and scripts)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.tick()
+            job = self.get(job_id)
+            if job.status in FINISHED:
+                return job
+            time.sleep(poll)
+        raise TimeoutError(f"job {job_id} still {self.get(job_id).status} after {timeout}s")
+
+
+def _job(row) -> Job:
+    d = dict(row)
+    d["overrides"] = json.loads(d["overrides"])
+    d["resume"], d["cancel"] = bool(d["resume"]), bool(d["cancel"])
+    return Job(**d)
+
+
+def _last_error(log: str) -> str | None:
+    """The line of a log that says why a run failed (our one-line errors, or a traceback's last line)."""
+    for line in reversed(log.splitlines()):
+        s = line.strip()
+        if s.startswith("chatbuild finetune: error:") or (": " in s and s.split(":")[0].endswith(("Error", "Exception", "Diverged"))):
+            return s
+    return None
