@@ -1,0 +1,122 @@
+"""The Leaderboard tab: ratings from every stored battle (arena votes and judge verdicts).
+
+Bradley–Terry ratings on the Elo scale with 95% bootstrap intervals, via `chatbuild.ratings`
+(the same code as `chatbuild eval elo`), the battle count per model, and two pictures: the interval
+plot and the win-rate heat map. Filters: source (human votes, judge verdicts) and anonymous battles
+only. Recomputed when the tab is opened and on Refresh. API name: `/leaderboard`.
+"""
+
+import io
+import math
+
+import gradio as gr
+
+from chatbuild import ratings, storage
+from serve.ui_common import UIContext
+
+SOURCES = ["human", "judge", "import"]
+COLUMNS = ["Rank (UB)", "Model", "Rating", "95% interval", "Battles"]
+BOOTSTRAP_ROUNDS = 100
+
+
+def build_leaderboard_tab(ctx: UIContext, tab: gr.Tab) -> None:
+    with gr.Row():
+        sources = gr.CheckboxGroup(SOURCES, value=SOURCES, label="Battles from",
+                                   info="human: arena votes · judge: model-judged evaluations · import: imported files")
+        anonymous_only = gr.Checkbox(False, label="Anonymous battles only",
+                                     info="votes cast before the names were shown")
+        refresh = gr.Button("Refresh", size="sm", scale=0, elem_id="leaderboard-refresh")
+    summary = gr.Markdown(elem_id="leaderboard-summary")
+    table = gr.Dataframe(headers=COLUMNS, datatype=["number", "str", "number", "str", "number"],
+                         interactive=False, elem_id="leaderboard-table")
+    with gr.Row():
+        # The figures carry their own titles: a component label would cover the top of the picture.
+        interval_plot = gr.Image(label="Ratings with 95% intervals", show_label=False, type="pil",
+                                 interactive=False, buttons=["download"], elem_id="leaderboard-intervals")
+        heat_map = gr.Image(label="Win-rate heat map", show_label=False, type="pil", interactive=False,
+                            buttons=["download"], elem_id="leaderboard-heatmap")
+
+    def compute(sources, anonymous_only):
+        battles = storage.list_battles(ctx.db_path, source=sources, anony=True if anonymous_only else None) \
+            if sources else []
+        return render(battles, sources, anonymous_only)
+
+    outputs = [summary, table, interval_plot, heat_map]
+    gr.on([refresh.click, tab.select, sources.change, anonymous_only.change], compute,
+          [sources, anonymous_only], outputs, api_name="leaderboard", concurrency_limit=2,
+          concurrency_id="leaderboard")
+
+
+def render(battles: list[dict], sources, anonymous_only: bool):
+    """(summary markdown, table rows, interval plot, heat map) for these battles."""
+    what = "sources: " + (", ".join(sources) if sources else "none") + ("; anonymous only" if anonymous_only else "")
+    if not battles:
+        return f"No battles stored yet ({what}). Vote in the Arena tab to add some.", [], None, None
+    rows = ratings.leaderboard(battles, method="bt", bootstrap_rounds=BOOTSTRAP_ROUNDS)
+    summary = (f"**{len(battles)}** battles ({what}) between **{len(rows)}** models · Bradley–Terry ratings "
+               f"on the Elo scale (mean 1000), 95% bootstrap intervals over {BOOTSTRAP_ROUNDS} resamples; "
+               "rank (UB) is the best rank the intervals allow.")
+    table = [[r.rank, r.model, round(r.rating, 1), _interval(r), r.battles] for r in rows]
+    return summary, table, interval_plot(rows), heat_map(*ratings.win_rates(battles), order=[r.model for r in rows])
+
+
+def _interval(r) -> str:
+    if r.ci_low is None or math.isnan(r.ci_low):
+        return "–"
+    return f"{r.ci_low:.0f} – {r.ci_high:.0f} (−{r.rating - r.ci_low:.0f}/+{r.ci_high - r.rating:.0f})"
+
+
+# ── pictures ───────────────────────────────────────────────────────────────────────────────────
+def _figure(width: float, height: float):
+    # A bare Figure (no pyplot): no GUI backend, no global state shared between request threads.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _to_image(fig):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def interval_plot(rows):
+    """Ratings as points with their 95% intervals as error bars, best at the top."""
+    fig = _figure(6, 1.2 + 0.45 * len(rows))
+    ax = fig.add_subplot()
+    names = [r.model for r in rows][::-1]
+    values = [r.rating for r in rows][::-1]
+    low = [r.rating - r.ci_low if r.ci_low is not None else 0 for r in rows][::-1]
+    high = [r.ci_high - r.rating if r.ci_high is not None else 0 for r in rows][::-1]
+    ax.errorbar(values, range(len(rows)), xerr=[low, high], fmt="o", color="#4f46e5", ecolor="#a5b4fc",
+                elinewidth=3, capsize=4)
+    ax.set_yticks(range(len(rows)), names)
+    ax.axvline(1000, color="#9ca3af", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("rating (Bradley–Terry, Elo scale)")
+    ax.set_title("Ratings with 95% intervals", loc="left", fontsize=11)
+    ax.grid(axis="x", alpha=0.3)
+    return _to_image(fig)
+
+
+def heat_map(models, rates, order):
+    """Win-rate matrix: cell (i, j) is the share of i's battles against j that i won (ties half)."""
+    index = [models.index(m) for m in order]
+    rates = rates[index][:, index]
+    n = len(order)
+    fig = _figure(1.8 + 0.9 * n, 1.2 + 0.8 * n)
+    ax = fig.add_subplot()
+    image = ax.imshow(rates, cmap="RdBu", vmin=0, vmax=1)
+    ax.set_xticks(range(n), order, rotation=30, ha="right")
+    ax.set_yticks(range(n), order)
+    ax.set_xlabel("opponent")
+    ax.set_title("Win rate, row vs column", loc="left", fontsize=11)
+    for i in range(n):
+        for j in range(n):
+            if not math.isnan(rates[i, j]):
+                ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                        color="white" if abs(rates[i, j] - 0.5) > 0.3 else "black")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="win rate")
+    return _to_image(fig)
