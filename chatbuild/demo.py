@@ -65,12 +65,10 @@ def run(args: argparse.Namespace) -> int:
     if args.no_serve:
         return 0
     step(f"4. serving {run_dir.name} and the base: UI at http://127.0.0.1:{args.port}/ , API at /v1 (Ctrl-C stops)")
-    import os
-
     from chatbuild.cli import main
 
-    os.environ["CHATBUILD_HOME"] = str((root / "data").resolve())  # where the UI keeps its SQLite store
-    return main(["serve", str(run_dir), "--port", str(args.port)])
+    (root / "data").mkdir(exist_ok=True)
+    return main(["serve", str(run_dir), "--port", str(args.port), "--db", str(root / "data" / "chatbuild.sqlite")])
 
 
 def evaluate_demo(root: Path, base: Path, run_dir: Path) -> None:

@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("CHATBUILD_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: env CHATBUILD_API_KEY; unset = open)")
     p.add_argument("--no-ui", action="store_true", help="serve the API only")
+    p.add_argument("--db", help="the UI's SQLite store (arena votes, feedback); default $CHATBUILD_HOME/chatbuild.sqlite")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"largest max_tokens a request may ask (default {d.max_new_tokens})")
     p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help=f"default {d.max_prompt_tokens}")
     p.add_argument("--max-running", type=int, default=d.max_running, help=f"generations at once (default {d.max_running})")
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--queue-size must be >= 0")
     settings = Settings(api_key=args.api_key or None, max_new_tokens=args.max_new_tokens,
                         max_prompt_tokens=args.max_prompt_tokens, max_running=args.max_running,
-                        queue_size=args.queue_size)
+                        queue_size=args.queue_size, db_path=args.db)
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"chatbuild serve: warning: listening on {args.host} without an API key; anyone who can reach "
               "it can use it (--api-key or CHATBUILD_API_KEY)", file=sys.stderr)
