@@ -193,7 +193,7 @@ def test_cli_reports_bad_config_without_traceback(tmp_path):
 
 def test_two_process_data_parallel_on_cpu(tiny_base, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "pipelines.finetune", "tiny-cpu", f"model.base={tiny_base}", f"output_dir={out}", "train.steps=4",
            "train.micro_batch_size=2", "train.save_every=2", "train.eval_every=0", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
