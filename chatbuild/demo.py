@@ -82,6 +82,7 @@ def evaluate_demo(root: Path, base: Path, run_dir: Path) -> None:
     import yaml
 
     from chatbuild.engines import open_engine
+    from chatbuild.runs import load_run
     from eval.run import evaluate, load_eval_config
     from serve.app import create_app
     from serve.settings import Settings
@@ -101,7 +102,8 @@ def evaluate_demo(root: Path, base: Path, run_dir: Path) -> None:
         cfg_path.write_text(yaml.safe_dump({
             "questions": "demo", "models": [str(run_dir.resolve()), base.name], "out": str(out.resolve()),
             "generation": {"max_tokens": 48, "seed": 0, "concurrency": 2},
-            "judge": {"url": url, "model": run_dir.name, "guided_choice": True, "max_tokens": 8, "concurrency": 2},
+            "judge": {"url": url, "model": load_run(run_dir).name, "guided_choice": True, "max_tokens": 8,
+                      "concurrency": 2},
             "ratings": {"method": "bt", "bootstrap": 100},
         }, sort_keys=False))
         evaluate(load_eval_config(cfg_path))

@@ -174,10 +174,10 @@ def test_refuses_bad_situations_before_heavy_work(tiny_base, tiny_run, tmp_path)
         attempt(f"output_dir={tmp_path / 'empty'}", resume=True)
     with pytest.raises(UserError, match="could not be read"):
         attempt(f"model.base={tmp_path / 'no-model'}", f"output_dir={tmp_path / 'x'}")
-    not_lm = tmp_path / "bert"
+    not_lm = tmp_path / "t5"
     not_lm.mkdir()
-    (not_lm / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8, "num_attention_heads": 2,
-                                                    "num_hidden_layers": 1, "intermediate_size": 8, "vocab_size": 10}))
+    (not_lm / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8, "num_heads": 2,
+                                                    "num_layers": 1, "d_ff": 8, "vocab_size": 10}))
     with pytest.raises(UserError, match="not a causal language model"):
         attempt(f"model.base={not_lm}", f"output_dir={tmp_path / 'y'}")
     with pytest.raises(UserError, match="no training conversations"):
