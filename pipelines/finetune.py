@@ -171,11 +171,15 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
     check_causal_lm(cfg.model.base, cfg.model.revision, cfg.model.trust_remote_code)  # reads config.json only
     resume_from = prepare_run_dir(cfg, resume, overwrite)
     run_dir = cfg.run_dir
+    if world > 1:  # every process has checked the folder before the first one writes to it
+        torch.distributed.barrier()
     if main_process:
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    if world > 1:
+        torch.distributed.barrier()
     seed_everything(cfg.train.seed)
 
     # ── load conversations ──
