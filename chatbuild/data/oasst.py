@@ -1,4 +1,4 @@
-"""OASST1 message trees -> training threads, by the rules below (a contract: docs/data.md repeats it).
+"""OASST1 message trees -> training threads, by the rules below (a contract: the README repeats it).
 
 OASST1 (Köpf et al., 2023) is published as trees of messages: a prompter message at the root, replies
 alternating assistant / prompter below it, sibling assistant replies ranked by people. It comes in two
