@@ -7,9 +7,10 @@ its steps). Everything lands under one folder, `demo/` by default:
     demo/runs/tiny-guanaco/    a QLoRA fine-tune of it (preset tiny-cpu): the run folder
     demo/eval/                 base vs fine-tune on the bundled questions, judged by the served tiny
                                run (meaningless verdicts, real machinery): answers, battles, leaderboard
-    demo/data/                 the server's SQLite store (arena votes, feedback)
+    demo/data/                 the server's SQLite store (arena votes, feedback, Build jobs)
+    demo/data/builder/         what the Build tab makes: uploads, runs, evaluations, job logs
 
-and it ends by serving the run with the UI (chat, arena, leaderboard) and the API until Ctrl-C.
+and it ends by serving the run with the UI (chat, arena, leaderboard, build) and the API until Ctrl-C.
 Each step is skipped when its output is already there, so `make demo` is cheap to rerun.
 """
 
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from chatbuild.cli import main
 
     (root / "data").mkdir(exist_ok=True)
-    return main(["serve", str(run_dir), "--port", str(args.port), "--db", str(root / "data" / "chatbuild.sqlite")])
+    return main(["serve", str(run_dir), "--port", str(args.port), "--db", str(root / "data" / "chatbuild.sqlite"),
+                 "--builder"])
 
 
 def evaluate_demo(root: Path, base: Path, run_dir: Path) -> None:

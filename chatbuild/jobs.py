@@ -1,8 +1,11 @@
-"""Fine-tune jobs: queued, run as separate processes, tracked in SQLite, surviving server restarts.
+"""Fine-tune and evaluation jobs: queued, run as separate processes, tracked in SQLite, surviving
+server restarts.
 
 The Builder tab submits jobs here; it never trains inside the web server's process. A job is one
-`python -m pipelines.finetune PRESET key=value ...` child process with its own log file, started in
-its own session so it outlives a server restart.
+child process with its own log file, started in its own session so it outlives a server restart:
+
+    kind "finetune"   python -m pipelines.finetune PRESET key=value ...   (writes a run folder)
+    kind "eval"       python -m chatbuild.cli eval run CONFIG.yaml         (writes an eval folder)
 
 States: queued → running → done | failed | cancelled. A cancelled or failed job can be resumed (it
 goes back to queued and continues from its last checkpoint). One job runs at a time per device by
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +51,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     error       TEXT,
     created     REAL NOT NULL,
     started     REAL,
-    finished    REAL
+    finished    REAL,
+    kind        TEXT NOT NULL DEFAULT 'finetune',
+    note        TEXT                    -- what happened after it finished (served as ..., not served: ...)
 );
 """
+# columns added after the first release of the table, for databases made before them
+LATER_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT 'finetune'", "note": "TEXT"}
+KINDS = ("finetune", "eval")
 
 
 @dataclass
@@ -69,6 +78,8 @@ class Job:
     created: float
     started: float | None
     finished: float | None
+    kind: str = "finetune"
+    note: str | None = None
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -118,17 +129,27 @@ class JobManager:
     """The job queue over one SQLite file. `tick()` advances it; `start()` runs tick in a thread."""
 
     def __init__(self, db_path: str | Path, logs_dir: str | Path, max_running_per_device: int = 1,
-                 python: str = sys.executable):
+                 python: str = sys.executable, env: dict[str, str] | None = None,
+                 on_finish: Callable[[Job], str | None] | None = None):
+        """`env`: extra environment for every child (secrets such as API keys go here, never into the
+        database or the command line). `on_finish(job)` runs in the scheduler after a job settles
+        (done, failed or cancelled); what it returns is stored as the job's note."""
         self.db_path, self.logs_dir = Path(db_path), Path(logs_dir)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.max_running = max_running_per_device
         self.python = python
+        self.env = dict(env or {})
+        self.on_finish = on_finish
         self._children: dict[int, subprocess.Popen] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         with self._db() as db:
             db.executescript(SCHEMA)
+            have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+            for column, decl in LATER_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
         self.reconcile()
 
     def _db(self) -> sqlite3.Connection:
@@ -151,21 +172,29 @@ class JobManager:
 
     # ── changes ──
     def submit(self, name: str, run_dir: str | Path, preset: str | None = None, overrides: list[str] = (),
-               device: str = "default", overwrite: bool = False) -> Job:
-        """Queue a fine-tune. The settings must already be validated by the caller (the Builder shows
-        errors next to the fields); here only the output folder's ownership is checked."""
+               device: str = "default", overwrite: bool = False, kind: str = "finetune") -> Job:
+        """Queue a job. The settings must already be validated by the caller (the Builder shows
+        errors next to the fields); here only the output folder's ownership is checked.
+
+        finetune: `preset` and `overrides` are the recipe's arguments; `run_dir` its output folder.
+        eval: `overrides` is [CONFIG.yaml]; `run_dir` the evaluation's output folder (its `out`)."""
+        if kind not in KINDS:
+            raise UserError(f'job kind "{kind}" is not one of {", ".join(KINDS)}')
         run_dir = str(Path(run_dir).resolve())
         with self._lock, self._db() as db:
             busy = db.execute("SELECT id FROM jobs WHERE run_dir = ? AND status IN ('queued', 'running')", (run_dir,)).fetchone()
             if busy:
                 raise UserError(f"job {busy['id']} is already writing {run_dir}")
-            if Path(run_dir).is_dir() and any(Path(run_dir).iterdir()) and not overwrite:
+            if kind == "finetune" and Path(run_dir).is_dir() and any(Path(run_dir).iterdir()) and not overwrite:
                 raise UserError(f"{run_dir} already holds a run; choose another name, or overwrite it")
-            args = [*overrides, f"output_dir={run_dir}", f"name={name}"]
+            if kind == "finetune":
+                args = [*overrides, f"output_dir={run_dir}", f"name={name}"] + (["--overwrite"] if overwrite else [])
+            else:
+                args = list(overrides)
             cur = db.execute(
-                "INSERT INTO jobs (name, preset, overrides, run_dir, device, status, log_path, created, resume) "
-                "VALUES (?, ?, ?, ?, ?, 'queued', '', ?, 0)",
-                (name, preset, json.dumps(args + (["--overwrite"] if overwrite else [])), run_dir, device, time.time()))
+                "INSERT INTO jobs (name, preset, overrides, run_dir, device, status, log_path, created, resume, kind) "
+                "VALUES (?, ?, ?, ?, ?, 'queued', '', ?, 0, ?)",
+                (name, preset, json.dumps(args), run_dir, device, time.time(), kind))
             job_id = cur.lastrowid
             db.execute("UPDATE jobs SET log_path = ? WHERE id = ?", (str(self.logs_dir / f"job-{job_id}.log"), job_id))
         return self.get(job_id)
@@ -196,21 +225,27 @@ class JobManager:
         return self.get(job_id)
 
     # ── the scheduler ──
-    def reconcile(self) -> None:
-        """Jobs marked running whose process is gone (e.g. the server restarted) are settled."""
+    def reconcile(self) -> list[int]:
+        """Jobs marked running whose process is gone (e.g. the server restarted) are settled.
+        Returns their ids."""
+        settled = []
         with self._lock, self._db() as db:
             for row in db.execute("SELECT * FROM jobs WHERE status = 'running'").fetchall():
                 job = _job(row)
                 if job.id in self._children or _alive(job.pid):
                     continue
-                done = (Path(job.run_dir) / "adapter" / "adapter_model.safetensors").is_file()
+                done = _complete(job)
                 db.execute("UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ?",
                            ("done" if done else "failed", time.time(),
-                            None if done else "the training process ended while the server was away; see the log",
+                            None if done else "the job's process ended while the server was away; see the log",
                             job.id))
+                settled.append(job.id)
+        return settled
 
     def tick(self) -> None:
-        """Collect finished children, then start queued jobs where a device is free."""
+        """Collect finished children, then start queued jobs where a device is free; then run
+        `on_finish` for the jobs that settled."""
+        settled = []
         with self._lock, self._db() as db:
             for job_id, proc in list(self._children.items()):
                 code = proc.poll()
@@ -225,6 +260,7 @@ class JobManager:
                 else:
                     status, error = "failed", _last_error(job.log_tail(80)) or f"exit code {code}"
                 db.execute("UPDATE jobs SET status = ?, error = ?, finished = ? WHERE id = ?", (status, error, time.time(), job_id))
+                settled.append(job_id)
             running = {}
             for r in db.execute("SELECT device, COUNT(*) AS n FROM jobs WHERE status = 'running' GROUP BY device"):
                 running[r["device"]] = r["n"]
@@ -234,14 +270,30 @@ class JobManager:
                     continue
                 self._start(db, job)
                 running[job.device] = running.get(job.device, 0) + 1
-        self.reconcile()
+        settled += self.reconcile()
+        for job_id in settled:
+            self._finished(job_id)
+
+    def _finished(self, job_id: int) -> None:
+        if self.on_finish is None:
+            return
+        try:
+            note = self.on_finish(self.get(job_id))
+        except Exception as e:  # noqa: BLE001 — the hook must not stop the scheduler; its failure is the note
+            note = f"after-job step failed: {type(e).__name__}: {e}"
+        if note:
+            with self._db() as db:
+                db.execute("UPDATE jobs SET note = ? WHERE id = ?", (note, job_id))
 
     def _start(self, db, job: Job) -> None:
-        cmd = [self.python, "-m", "pipelines.finetune", *([job.preset] if job.preset else []), *job.overrides,
-               "--no-progress", *(["--resume"] if job.resume else [])]
-        if job.resume:
-            cmd = [c for c in cmd if c != "--overwrite"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        if job.kind == "eval":  # rerunning an evaluation resumes it (answers and judgments are kept)
+            cmd = [self.python, "-m", "chatbuild.cli", "eval", "run", *job.overrides]
+        else:
+            cmd = [self.python, "-m", "pipelines.finetune", *([job.preset] if job.preset else []), *job.overrides,
+                   "--no-progress", *(["--resume"] if job.resume else [])]
+            if job.resume:
+                cmd = [c for c in cmd if c != "--overwrite"]
+        env = {**os.environ, **self.env, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                "PYTHONUNBUFFERED": "1"}
         log = open(job.log_path, "a")
         log.write(f"$ {' '.join(cmd)}\n")
@@ -279,6 +331,13 @@ class JobManager:
         raise TimeoutError(f"job {job_id} still {self.get(job_id).status} after {timeout}s")
 
 
+def _complete(job: Job) -> bool:
+    """Whether a job's output is finished (for a job whose process ended while no one watched)."""
+    if job.kind == "eval":
+        return (Path(job.run_dir) / "leaderboard.json").is_file()
+    return (Path(job.run_dir) / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def _job(row) -> Job:
     d = dict(row)
     d["overrides"] = json.loads(d["overrides"])
@@ -290,6 +349,6 @@ def _last_error(log: str) -> str | None:
     """The line of a log that says why a run failed (our one-line errors, or a traceback's last line)."""
     for line in reversed(log.splitlines()):
         s = line.strip()
-        if s.startswith("chatbuild finetune: error:") or (": " in s and s.split(":")[0].endswith(("Error", "Exception", "Diverged"))):
+        if (s.startswith("chatbuild ") and ": error:" in s) or (": " in s and s.split(":")[0].endswith(("Error", "Exception", "Diverged"))):
             return s
     return None

@@ -9,10 +9,17 @@ caller), so the same functions serve fine-tuning, merging, serving and benchmark
 
 import os
 import warnings
+from pathlib import Path
 
 from chatbuild.errors import UserError
 
 TINY_BASE = "tiny"  # the embedded default base's name in configs (see pipelines/tiny_base.py)
+
+
+def tiny_base_dir() -> Path:
+    """Where the embedded tiny base is built on first use: $CHATBUILD_HOME/tiny-base."""
+    home = Path(os.environ.get("CHATBUILD_HOME", Path.home() / ".cache" / "chatbuild"))
+    return home / "tiny-base"
 
 
 def default_device() -> str:
@@ -87,9 +94,11 @@ def load_base_model(name: str, revision: str | None = None, quant: str = "nf4", 
     kwargs = {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    # use_safetensors: weights only from .safetensors files, never from pickles (a .bin checkpoint can
+    # run code when unpickled); trust_remote_code stays off unless the config turns it on.
     model = AutoModelForCausalLM.from_pretrained(
         name, revision=revision, quantization_config=q, dtype=dtype, device_map={"": device},
-        trust_remote_code=trust_remote_code, **kwargs,
+        trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs,
     )
     for p in model.parameters():
         p.requires_grad_(False)

@@ -72,7 +72,10 @@ def connect(path: str | Path) -> sqlite3.Connection:
     """Open (creating if needed) the database with its battles and judgments tables. Python's
     default transaction handling: the caller commits (or rolls back) and closes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where the folder should be, a path under /proc, no permission
+        raise UserError(f"{path}: cannot create the database's folder ({e.strerror or e})") from None
     try:
         conn = sqlite3.connect(path, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -81,6 +84,31 @@ def connect(path: str | Path) -> sqlite3.Connection:
     except sqlite3.DatabaseError as e:
         raise UserError(f"{path}: cannot open the database ({e})") from None
     return conn
+
+
+def check_writable(path: str | Path, room: int = 1 << 20) -> None:
+    """Raise UserError unless the database at `path` can be created and written, with `room` bytes
+    free beside it. A server calls this at start, so that a full disk or a read-only folder is
+    reported in one line before any model loads, not as a failure at the first vote. The room is
+    probed by writing (and fsyncing, then deleting) a file of that size: free-space figures lie on
+    quota'd and copy-on-write file systems, a write does not."""
+    path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"{path}: {path.parent} is a file, not a folder; give --db a file in a writable folder")
+    probe = path.parent / f".{path.name}.write-probe"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(room))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"{path}: the database cannot be written there ({e.strerror or e}); free some space, "
+                        "or give a writable file with --db") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+    connect(path).close()
 
 
 @contextlib.contextmanager

@@ -25,13 +25,6 @@ fi
 mkdir -p "$CHATBUILD_DATA"
 set -f  # CHATBUILD_RUNS and the *_ARGS settings are split on spaces, never globbed
 
-# Refuse to start with an open UI when the operator asked for a protected one.
-if [ -n "${CHATBUILD_UI_AUTH:-}" ] && ! chatbuild serve --help | grep -q CHATBUILD_UI_AUTH; then
-    echo "chatbuild: CHATBUILD_UI_AUTH is set, but this chatbuild serve cannot protect the UI with it;" \
-        "not starting with an open UI" >&2
-    exit 2
-fi
-
 demo_run="$CHATBUILD_DATA/runs/tiny-guanaco"
 if [ "$CHATBUILD_ENGINE" != openai ] && [ -z "${CHATBUILD_RUNS:-}" ] && [ -z "${CHATBUILD_BASE:-}" ]; then
     CHATBUILD_RUNS=$demo_run
@@ -65,8 +58,8 @@ else
         set -- "$@" --base "$CHATBUILD_BASE"
     fi
 fi
-# The API key stays in the environment (CHATBUILD_API_KEY), where `chatbuild serve` reads it: never
-# on a command line that `ps` shows.
+# The API key and the UI logins stay in the environment (CHATBUILD_API_KEY, CHATBUILD_UI_AUTH), where
+# `chatbuild serve` reads them: never on a command line that `ps` shows.
 # shellcheck disable=SC2086  # CHATBUILD_SERVE_ARGS: further `chatbuild serve` flags
 exec chatbuild serve "$@" --engine "$CHATBUILD_ENGINE" --host "$CHATBUILD_HOST" --port "$CHATBUILD_PORT" \
     ${CHATBUILD_SERVE_ARGS:-}

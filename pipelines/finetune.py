@@ -81,12 +81,12 @@ def resolve_config(preset: str | None, overrides: list[str]) -> RunConfig:
 
 def resolve_base(name: str) -> str:
     """'tiny' means the embedded tiny base, built once into $CHATBUILD_HOME/tiny-base."""
-    from chatbuild.modeling import TINY_BASE
+    from chatbuild.modeling import TINY_BASE, tiny_base_dir
 
     if name != TINY_BASE:
         return name
-    home = Path(os.environ.get("CHATBUILD_HOME", Path.home() / ".cache" / "chatbuild"))
-    out = home / "tiny-base"
+    out = tiny_base_dir()
+    home = out.parent
     if not (out / "model.safetensors").is_file():
         import fcntl
 

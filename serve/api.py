@@ -7,7 +7,8 @@
 Any OpenAI client works unmodified (`OpenAI(base_url="http://host:port/v1", api_key=...)`). Errors
 have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the status saying what
 went wrong: 400 bad request (the field in `param`), 401 missing or wrong key, 404 unknown model (the
-message lists the served ones), 413 body too large, 429 queue full (with Retry-After), 503 loading.
+message lists the served ones), 413 body too large, 429 queue full (with Retry-After), 500 the engine
+failed on this request (`generation_failed`; the server goes on), 503 loading.
 
 Flow of a completion request:
 
@@ -117,7 +118,9 @@ def engine_error(e: Exception) -> APIError:
         return APIError(502, str(e), type="server_error", code="remote_error")
     if isinstance(e, UserError):
         return APIError(400, str(e), param="messages")
-    raise e
+    # Anything else is the engine failing on this request: a 500 that says so, for this request only.
+    log.error("generation failed", exc_info=e)
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="generation_failed")
 
 
 # ── state shared by the routes ──────────────────────────────────────────────────────────────
@@ -166,6 +169,8 @@ class ServeState:
     ready: threading.Event = field(default_factory=threading.Event)
     cancels: set = field(default_factory=set)  # cancel events of the generations in progress
     admission: Admission | None = None
+    on_shutdown: list = field(default_factory=list)  # callables run when the app stops (the Builder's queue)
+    builder: object = None  # the Build tab's `chatbuild.builder.Builder`, when it is on
 
     def attach(self, engine: ChatEngine) -> None:
         self.engine = engine
@@ -174,6 +179,8 @@ class ServeState:
     def cancel_all(self) -> None:
         for event in list(self.cancels):
             event.set()
+        for stop in self.on_shutdown:
+            stop()
 
 
 # ── routes ──────────────────────────────────────────────────────────────────────────────────

@@ -37,6 +37,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("CHATBUILD_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: env CHATBUILD_API_KEY; unset = open)")
     p.add_argument("--no-ui", action="store_true", help="serve the API only")
+    p.add_argument("--ui-auth", default=os.environ.get("CHATBUILD_UI_AUTH"), metavar="USER:PASS[,USER:PASS]",
+                   help="require a login for the web UI, one or more user:password pairs (default: env "
+                        "CHATBUILD_UI_AUTH; unset = open). /v1 is not affected: it has --api-key")
+    p.add_argument("--builder", action="store_true",
+                   help="add the Build tab: fine-tune and evaluate from the browser (runs jobs on this machine)")
+    p.add_argument("--builder-dir", help="the Build tab's folder: uploads, runs, evaluations, job logs "
+                                         "(default: builder/ beside the --db file)")
+    p.add_argument("--judge-url", help="OpenAI-compatible /v1 URL of the judge for the Build tab's evaluations "
+                                       "(key: env CHATBUILD_JUDGE_API_KEY)")
+    p.add_argument("--judge-model", help="the judge's model name at --judge-url")
     p.add_argument("--db", help="the UI's SQLite store (arena votes, feedback); default $CHATBUILD_HOME/chatbuild.sqlite")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"largest max_tokens a request may ask (default {d.max_new_tokens})")
     p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help=f"default {d.max_prompt_tokens}")
@@ -72,10 +82,19 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--queue-size must be >= 0")
     settings = Settings(api_key=args.api_key or None, max_new_tokens=args.max_new_tokens,
                         max_prompt_tokens=args.max_prompt_tokens, max_running=args.max_running,
-                        queue_size=args.queue_size, db_path=args.db)
+                        queue_size=args.queue_size, db_path=args.db, builder=args.builder,
+                        builder_dir=args.builder_dir, judge_url=args.judge_url, judge_model=args.judge_model,
+                        self_url=f"http://{_loopback(args.host)}:{args.port}/v1", ui_auth=_ui_auth(args.ui_auth))
+    if bool(args.judge_url) != bool(args.judge_model):
+        raise UserError("--judge-url and --judge-model go together")
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"chatbuild serve: warning: listening on {args.host} without an API key; anyone who can reach "
               "it can use it (--api-key or CHATBUILD_API_KEY)", file=sys.stderr)
+
+    if not args.no_ui:  # votes and feedback go there: a full disk or read-only folder fails now, not mid-vote
+        from chatbuild import storage
+
+        storage.check_writable(args.db or storage.default_path())
 
     # ── load, then serve ──
     if args.engine == "vllm":  # chatbuild/engines/vllm.py: a `vllm serve` child behind the remote engine
@@ -93,6 +112,27 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
+
+
+def _ui_auth(value: str | None) -> list[tuple[str, str]] | None:
+    """--ui-auth "alice:pw1,bob:pw2" → [("alice", "pw1"), ("bob", "pw2")]; None when unset."""
+    if not value:
+        return None
+    pairs = []
+    for item in value.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not (sep and user and password):
+            raise UserError(f'--ui-auth / CHATBUILD_UI_AUTH: "{user}{sep}***" is not user:password '
+                            "(pairs are separated by commas)")
+        pairs.append((user, password))
+    return pairs
+
+
+def _loopback(host: str) -> str:
+    """How this machine reaches a server listening on `host`."""
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 if __name__ == "__main__":

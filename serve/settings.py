@@ -11,6 +11,7 @@ class Settings:
     """Limits and switches of one server. Every limit is a named setting here."""
 
     api_key: str | None = None  # None: no authentication
+    ui_auth: list[tuple[str, str]] | None = None  # (user, password) logins for the web UI; None: open
     max_messages: int = 256  # messages in one request
     max_prompt_tokens: int = 4096  # tokens of the rendered prompt (engines that count tokens locally)
     max_new_tokens: int = 2048  # the largest max_tokens a request may ask for
@@ -20,3 +21,11 @@ class Settings:
     queue_size: int = 16  # requests waiting for a generation slot; one more gets 429
     max_stop: int = 4  # stop strings in one request (OpenAI's limit)
     db_path: str | None = None  # the UI's SQLite database (arena votes, ...); None: chatbuild.storage's default
+    # The Build tab (fine-tune and evaluate from the browser): off unless asked for, since it runs jobs
+    # on this machine. Its folder holds uploads, runs, evaluations and job logs (chatbuild.builder).
+    builder: bool = False
+    builder_dir: str | None = None  # None: builder/ beside the database
+    max_upload_bytes: int = 200 * 1024 * 1024  # largest dataset upload to the Build tab
+    self_url: str | None = None  # this server's /v1 address as seen from this machine (eval jobs call it)
+    judge_url: str | None = None  # the Build tab's judge for "evaluate against" (OpenAI-compatible /v1)
+    judge_model: str | None = None

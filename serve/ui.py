@@ -6,6 +6,9 @@ on the serving app (serve/app.py calls `mount_ui`), beside the OpenAI-compatible
     Arena         serve/ui_arena.py        /arena_send /arena_regenerate /arena_stop /arena_new_round
                                            /vote_a /vote_b /vote_tie /vote_bothbad
     Leaderboard   serve/ui_leaderboard.py  /leaderboard
+    Build         serve/ui_build.py        /build_start /build_job /build_cancel /build_resume /build_evaluate
+                                           /build_preview /build_upload /build_preset /build_estimate
+                  (only with `Settings.builder`, i.e. `chatbuild serve --builder`)
 
 Concurrency: one queue for the API and the UI. Every reply the UI asks for takes a generation slot
 from the API's admission (`Settings.max_running` at once, `queue_size` waiting, then "busy"); in
@@ -38,7 +41,7 @@ CSS = """
 """
 
 
-def build_ui(ctx: UIContext) -> gr.Blocks:
+def build_ui(ctx: UIContext, builder=None) -> gr.Blocks:
     # delete_cache: exported conversations and leaderboard pictures older than a day go after a day.
     with gr.Blocks(title="chatbuild", delete_cache=(86_400, 86_400)) as blocks:
         header = gr.Markdown(_header(ctx.models()), elem_id="header")
@@ -49,6 +52,11 @@ def build_ui(ctx: UIContext) -> gr.Blocks:
                 pick_a, pick_b, arena_status = build_arena_tab(ctx)
             with gr.Tab("Leaderboard", id="leaderboard", elem_id="tab-leaderboard") as leaderboard:
                 build_leaderboard_tab(ctx, leaderboard)
+            if builder is not None:
+                from serve.ui_build import build_build_tab
+
+                with gr.Tab("Build", id="build", elem_id="tab-build"):
+                    build_build_tab(ctx, builder, [chat_model, pick_a, pick_b])
 
         def refresh_models():
             """The served models, into the pickers of a freshly loaded page."""
@@ -69,12 +77,31 @@ def mount_ui(app: FastAPI, state: ServeState) -> FastAPI:
     database is `state.settings.db_path`, else `chatbuild.storage.default_path()`."""
     db_path = Path(state.settings.db_path) if state.settings.db_path else storage.default_path()
     ctx = UIContext(state=state, db_path=db_path)
+    builder = start_builder(state, db_path) if state.settings.builder else None
     # System fonts: they render the same everywhere (the default theme's bundled web font mixed in
     # fallback glyphs in headless Chromium) and there is nothing to download.
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "Consolas", "monospace"])
-    return gr.mount_gradio_app(app, build_ui(ctx), path="/", footer_links=["api"], css=CSS, theme=theme,
-                               show_error=True)
+    return gr.mount_gradio_app(app, build_ui(ctx, builder), path="/", footer_links=["api"], css=CSS, theme=theme,
+                               show_error=True, auth=state.settings.ui_auth or None,
+                               auth_message="chatbuild: log in to use the chat and the arena.")
+
+
+def start_builder(state: ServeState, db_path: Path):
+    """The Build tab's backend (`chatbuild.builder`), its job queue running; stopped with the app."""
+    import os
+
+    from chatbuild.builder import Builder
+
+    s = state.settings
+    root = Path(s.builder_dir) if s.builder_dir else db_path.parent / "builder"
+    builder = Builder(root, db_path, engine=lambda: state.engine, self_url=s.self_url, api_key=s.api_key,
+                      judge_url=s.judge_url, judge_model=s.judge_model,
+                      judge_key=os.environ.get("CHATBUILD_JUDGE_API_KEY"), max_upload_bytes=s.max_upload_bytes)
+    builder.start()
+    state.on_shutdown.append(builder.stop)
+    state.builder = builder
+    return builder
 
 
 def _header(models: list[str]) -> str:

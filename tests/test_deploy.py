@@ -301,13 +301,15 @@ def test_healthcheck_script_when_nothing_listens():
 # ── the entry point's logic, with a stand-in `chatbuild` that records its arguments ─────────────
 @pytest.fixture
 def recording_chatbuild(tmp_path):
-    """A `chatbuild` on PATH that writes its arguments (one JSON list per call) and exits 0."""
+    """A `chatbuild` on PATH that writes its arguments (one JSON list per call), and the
+    CHATBUILD_UI_AUTH it finds in its environment to ui_auth.txt, and exits 0."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls.jsonl"
     (bin_dir / "chatbuild").write_text(
         f"#!{sys.executable}\nimport json, sys\n"
         f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        f"import os\nopen({str(tmp_path / 'ui_auth.txt')!r}, 'a').write(os.environ.get('CHATBUILD_UI_AUTH', '-') + '\\n')\n"
         "if sys.argv[1:] == ['serve', '--help']:\n    print('usage: chatbuild serve ...')\n")
     (bin_dir / "chatbuild").chmod(0o755)
 
@@ -359,10 +361,13 @@ def test_entry_point_runs_other_commands(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == f"chatbuild {chatbuild.__version__}", out.stderr
 
 
-def test_entry_point_refuses_ui_auth_it_cannot_enforce(recording_chatbuild):
-    out, calls = recording_chatbuild(CHATBUILD_RUNS="/r/a", CHATBUILD_UI_AUTH="admin:pw")
-    assert out.returncode == 2 and "not starting with an open UI" in out.stderr
-    assert calls == [["serve", "--help"]]
+def test_entry_point_passes_ui_auth_in_the_environment(recording_chatbuild, tmp_path):
+    """CHATBUILD_UI_AUTH reaches `chatbuild serve` (which reads it, like --ui-auth) in its environment,
+    never on its command line."""
+    out, calls = recording_chatbuild(CHATBUILD_RUNS="/r/a", CHATBUILD_UI_AUTH="admin:pw,guest:pw2")
+    assert out.returncode == 0, out.stderr
+    assert calls == [["serve", "/r/a", "--engine", "hf", "--host", "0.0.0.0", "--port", "7860"]]
+    assert (tmp_path / "ui_auth.txt").read_text().splitlines() == ["admin:pw,guest:pw2"]
 
 
 # ── integration: the cpu image's entry point, run directly ──────────────────────────────────────
