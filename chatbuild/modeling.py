@@ -96,10 +96,15 @@ def load_base_model(name: str, revision: str | None = None, quant: str = "nf4", 
         kwargs["attn_implementation"] = attn_implementation
     # use_safetensors: weights only from .safetensors files, never from pickles (a .bin checkpoint can
     # run code when unpickled); trust_remote_code stays off unless the config turns it on.
-    model = AutoModelForCausalLM.from_pretrained(
-        name, revision=revision, quantization_config=q, dtype=dtype, device_map={"": device},
-        trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=revision, quantization_config=q, dtype=dtype, device_map={"": device},
+            trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs,
+        )
+    except OSError as e:  # e.g. only pickled .bin weights: say so in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'base model "{name}": no safetensors weights could be read ({first}); '
+                        "convert the checkpoint to safetensors") from None
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False

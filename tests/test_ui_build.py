@@ -48,12 +48,13 @@ def form(name, base, steps=2, source="Bundled sample", data_file=None, **changes
 
 
 def wait_job(client, job_id, until=("done", "failed", "cancelled"), timeout=300):
-    """Poll /build_job until the job's status is one of `until`; returns (status line, table rows, log)."""
+    """Poll /build_job until the job's status is one of `until` (and, once done, its after-job note —
+    served as ..., battles stored — is written); returns (status line, rows, log, curve, bar)."""
     deadline = time.monotonic() + timeout
     while True:
         bar, stats, curve, log, table, *_ = client.predict(job_id, [], api_name="/build_job")
         rows = {r[0]: r for r in table["data"]}
-        if rows[job_id][3] in until:
+        if rows[job_id][3] in until and (rows[job_id][3] != "done" or rows[job_id][6]):
             return stats, rows, log, curve, bar
         assert time.monotonic() < deadline, f"job {job_id} still {rows[job_id][3]}:\n{log}"
         time.sleep(0.5)
