@@ -87,6 +87,12 @@ def run(args: argparse.Namespace) -> int:
                         self_url=f"http://{_loopback(args.host)}:{args.port}/v1", ui_auth=_ui_auth(args.ui_auth))
     if bool(args.judge_url) != bool(args.judge_model):
         raise UserError("--judge-url and --judge-model go together")
+    if args.builder and args.no_ui:
+        raise UserError("--builder adds a tab to the web UI; it cannot go with --no-ui")
+    if args.builder and not settings.ui_auth and args.host not in ("127.0.0.1", "localhost", "::1"):
+        # The Build tab runs fine-tunes on this machine: never open to whoever can reach the port.
+        raise UserError(f"--builder on {args.host} needs a login (--ui-auth USER:PASS or CHATBUILD_UI_AUTH); "
+                        "without one, listen on 127.0.0.1")
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"chatbuild serve: warning: listening on {args.host} without an API key; anyone who can reach "
               "it can use it (--api-key or CHATBUILD_API_KEY)", file=sys.stderr)

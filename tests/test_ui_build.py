@@ -240,3 +240,17 @@ def test_evaluate_against_stores_judge_battles_for_the_leaderboard(build):
     assert battles and {b["model_a"] for b in battles} | {b["model_b"] for b in battles} == {model, against}
     assert "battles stored for the Leaderboard" in rows[job_id][6]
     assert {r[1] for r in table["data"]} == {model, against}
+
+
+def test_the_build_tab_is_never_open_to_the_network_without_a_login(tiny_run):
+    """`chatbuild serve --builder` on a non-loopback address refuses to start without --ui-auth (the tab
+    runs jobs on the machine); checked before any model loads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CHATBUILD_UI_AUTH"}
+    for extra, expected in ((["--host", "0.0.0.0"], "needs a login"), (["--no-ui"], "cannot go with --no-ui")):
+        out = subprocess.run([sys.executable, "-m", "chatbuild.cli", "serve", str(tiny_run), "--builder", *extra],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 2 and expected in out.stderr, out.stderr
