@@ -2,6 +2,7 @@
 
     chatbuild serve runs/tiny-a runs/tiny-b                # one 4-bit base + both adapters + the bare base
     chatbuild serve --base huggyllama/llama-7b             # a base alone
+    chatbuild serve --base tiny --builder                  # the embedded tiny base (CPU), and the Build tab
     chatbuild serve runs/a --host 0.0.0.0 --port 8000 --api-key "$KEY"    # or env CHATBUILD_API_KEY
     chatbuild serve --engine openai --remote-url http://gpu-box:8000/v1 --remote-key "$KEY"
     chatbuild serve runs/a runs/b --engine vllm             # starts `vllm serve` (CUDA), stops it on exit
@@ -103,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
         storage.check_writable(args.db or storage.default_path())
 
     # ── load, then serve ──
+    if args.base == "tiny" and args.engine == "hf":  # the embedded tiny base, built on first use
+        from pipelines.finetune import resolve_base
+
+        args.base = resolve_base(args.base)
     if args.engine == "vllm":  # chatbuild/engines/vllm.py: a `vllm serve` child behind the remote engine
         from chatbuild.engines.vllm import launch_vllm
 

@@ -402,3 +402,33 @@ def test_chatbuild_serve_serves_a_run(runs):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+
+
+@pytest.mark.integration
+def test_serve_base_tiny_serves_the_embedded_base(tiny_base, tmp_path):
+    """`--base tiny` means the embedded base in $CHATBUILD_HOME/tiny-base (here a copy of the test one,
+    so nothing is rebuilt), like `model.base: tiny` in a run config."""
+    import shutil
+
+    shutil.copytree(tiny_base, tmp_path / "tiny-base")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "CHATBUILD_HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "chatbuild.cli", "serve", "--base", "tiny", "--port", str(port),
+                             "--no-ui", "--log-level", "warning"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def healthy():
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(healthy, "the server answers", timeout=180)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+        assert [m["id"] for m in models["data"]] == ["tiny-base"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
