@@ -17,6 +17,7 @@ from serve.ui_common import UIContext
 SOURCES = ["human", "judge", "import"]
 COLUMNS = ["Rank (UB)", "Model", "Rating", "95% interval", "Battles"]
 BOOTSTRAP_ROUNDS = 100
+FEW_BATTLES = 20  # below this many battles a model's rating is flagged as not yet trustworthy
 
 
 def build_leaderboard_tab(ctx: UIContext, tab: gr.Tab) -> None:
@@ -56,6 +57,10 @@ def render(battles: list[dict], sources, anonymous_only: bool):
     summary = (f"**{len(battles)}** battles ({what}) between **{len(rows)}** models · Bradley–Terry ratings "
                f"on the Elo scale (mean 1000), 95% bootstrap intervals over {BOOTSTRAP_ROUNDS} resamples; "
                "rank (UB) is the best rank the intervals allow.")
+    few = [r.model for r in rows if r.battles < FEW_BATTLES]
+    if few:  # true to the maths, but a rating from a handful of battles is mostly noise: say so
+        summary += (f" ⚠️ Too few battles to trust yet for {', '.join(few)} (under {FEW_BATTLES} each): "
+                    "their ratings can swing by hundreds of points with the next vote.")
     table = [[r.rank, r.model, round(r.rating, 1), _interval(r), r.battles] for r in rows]
     return summary, table, interval_plot(rows), heat_map(*ratings.win_rates(battles), order=[r.model for r in rows])
 

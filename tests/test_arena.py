@@ -174,6 +174,8 @@ def test_leaderboard_reflects_the_votes(scripted):
             assert row[4] == sum(model in (b["model_a"], b["model_b"]) for b in battles)
             assert " – " in row[3]  # a 95% interval
         assert intervals is not None and heat_map is not None  # the two pictures
+        assert "Too few battles to trust yet for" in summary  # a handful of votes: flagged
+        assert all(m in summary.split("Too few battles")[1] for m in rows)
 
         anonymous, table, _, _ = client.predict(["human"], True, api_name="/leaderboard")
         assert f"**{sum(b['anony'] for b in battles)}** battles (sources: human; anonymous only)" in anonymous
@@ -273,3 +275,15 @@ def test_cli_exports_and_imports_battles(tmp_path, capsys):
     bad.write_text('{"model_a": "x", "model_b": "x", "winner": "tie"}\n')
     assert main(["arena", "import", str(bad), "--db", str(other)]) == 2  # a self-battle: a clear error
     assert "cannot battle itself" in capsys.readouterr().err
+
+
+def test_the_leaderboard_flags_models_with_too_few_battles_only():
+    from serve.ui_leaderboard import FEW_BATTLES, render
+
+    many = [{"model_a": "x", "model_b": "y", "winner": w, "source": "human"}
+            for w in ["model_a", "model_b", "tie"] * FEW_BATTLES]
+    summary, *_ = render(many, ["human"], False)
+    assert "Too few battles" not in summary
+    few = many + [{"model_a": "x", "model_b": "z", "winner": "model_a", "source": "human"}]
+    summary, *_ = render(few, ["human"], False)
+    assert "Too few battles to trust yet for z (under" in summary
