@@ -115,6 +115,36 @@ def test_open_engine_refuses_unknown_kinds_and_missing_urls():
         open_engine([])
 
 
+def test_the_openai_engine_serves_run_folders_with_their_stop_strings(tiny_base, tmp_path):
+    """A run folder given to `--engine openai` names its model and brings its chat format: the remote
+    request carries the run's stop strings and default system prompt. The remote end is our own
+    server over a scripted engine that records what it was asked."""
+    import json
+
+    from test_ui_helpers import ScriptedEngine, serving
+
+    from serve.app import create_app
+    from serve.settings import Settings
+
+    run = make_run(tiny_base, tmp_path / "alpha", "alpha", seed=3)
+    fmt = json.loads((run / "chat_format.json").read_text())
+    fmt["system_prompt"] = "Be brief."
+    (run / "chat_format.json").write_text(json.dumps(fmt))
+    scripted = ScriptedEngine(names=("alpha", "beta"))
+    with serving(create_app(scripted, Settings(), ui=False)) as url:
+        engine = open_engine([run, "beta"], kind="openai", url=url + "v1")
+        try:
+            assert engine.models() == ["alpha", "beta"]
+            list(engine.stream(HELLO, GenerationParams(max_new_tokens=3, stop=["END"]), "alpha"))
+            list(engine.stream(HELLO, GenerationParams(max_new_tokens=3), "beta"))
+        finally:
+            engine.close()
+    (messages_a, params_a, _), (messages_b, params_b, _) = scripted.requests
+    assert params_a.stop == ["END", *fmt["stop"]] and fmt["stop"]
+    assert messages_a[0] == {"role": "system", "content": "Be brief."} and messages_a[1:] == HELLO
+    assert params_b.stop == [] and messages_b == HELLO  # a plain model name: passed through unchanged
+
+
 def test_importing_engines_stays_light():
     code = "import chatbuild.engines, sys; print(' '.join(sys.modules))"
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())

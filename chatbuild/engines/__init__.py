@@ -127,7 +127,8 @@ def open_engine(runs: Sequence[str | Path] = (), *, base: str | None = None, bas
                 device: str | None = None, max_prompt_tokens: int | None = None) -> ChatEngine:
     """The engine for a command line: `kind` "hf" serves run folders (and/or a bare `base`) in this
     process; "openai" talks to the OpenAI-compatible server at `url`, where `runs` (if any) are the
-    model names to expose instead of everything the server lists."""
+    models to expose instead of everything the server lists: model names, or run folders (served
+    there under the run's name; their stop strings and system prompt are added to each request)."""
     if kind == "hf":
         if url:
             raise UserError("a remote URL needs the openai engine (--engine openai)")
@@ -140,7 +141,19 @@ def open_engine(runs: Sequence[str | Path] = (), *, base: str | None = None, bas
             raise UserError("the openai engine needs the server's URL (--remote-url)")
         if base:
             raise UserError("--base applies to the hf engine; a remote server loads its own models")
-        from chatbuild.engines.remote import RemoteEngine
+        from chatbuild.engines.remote import FormattedEngine, RemoteEngine
+        from chatbuild.runs import is_run, load_run
 
-        return RemoteEngine(url, api_key=api_key, models=[str(r) for r in runs] or None)
+        # A run folder names its model (the run's name, as the hf engine and vLLM serve it) and
+        # brings its chat format; anything else is a model name on the server.
+        names, formats = [], {}
+        for r in runs:
+            if is_run(r):
+                run = load_run(r)
+                names.append(run.name)
+                formats[run.name] = run.chat_format
+            else:
+                names.append(str(r))
+        remote = RemoteEngine(url, api_key=api_key, models=names or None)
+        return FormattedEngine(remote, formats) if formats else remote
     raise UserError(f'engine "{kind}" is unknown; use hf or openai')

@@ -9,6 +9,7 @@ not us). `top_k` and `repetition_penalty` are sent only when set, as the extensi
 server accept. Cancelling closes the connection, which makes a well-behaved server stop generating.
 """
 
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator
@@ -107,6 +108,31 @@ class RemoteEngine:
 
     def close(self) -> None:
         self._client.close()
+
+
+class FormattedEngine:
+    """A remote engine serving run folders: what a run's `chat_format.json` adds on top of the chat
+    template — its stop strings, its default system prompt — is added to each request here, as the
+    in-process engine does (the remote server only applies the tokenizer's template). Models without
+    a format pass through unchanged. `close()` closes the remote engine."""
+
+    def __init__(self, remote: "RemoteEngine", chat_formats: dict):
+        self.remote, self.chat_formats = remote, chat_formats
+
+    def models(self) -> list[str]:
+        return self.remote.models()
+
+    def stream(self, messages: list[dict], params: GenerationParams, model: str,
+               cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        fmt = self.chat_formats.get(model)
+        if fmt is not None:
+            params = dataclasses.replace(params, stop=[*params.stop, *(s for s in fmt.stop if s not in params.stop)])
+            if fmt.system_prompt and (not messages or messages[0]["role"] != "system"):
+                messages = [{"role": "system", "content": fmt.system_prompt}, *messages]
+        return self.remote.stream(messages, params, model, cancel)
+
+    def close(self) -> None:
+        self.remote.close()
 
 
 def _message(body) -> str:

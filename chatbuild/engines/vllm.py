@@ -52,6 +52,7 @@ from pathlib import Path
 
 from chatbuild.availability import cuda_available
 from chatbuild.config import ModelSettings
+from chatbuild.engines.remote import FormattedEngine
 from chatbuild.errors import UserError
 from chatbuild.templates import ChatFormat
 
@@ -453,25 +454,14 @@ def _die_with_parent() -> None:
 
 
 # ── the engine ─────────────────────────────────────────────────────────────────────────────────
-class VLLMEngine:
+class VLLMEngine(FormattedEngine):
     """A ChatEngine over our vLLM child, through the remote engine. vLLM applies the chat template
-    from the run's tokenizer; what `chat_format.json` adds on top — the stop strings and the default
-    system prompt — is added to each request here, as the in-process engine does. `close()` stops
-    the child."""
+    from the run's tokenizer; the run's stop strings and default system prompt are added per request
+    (`FormattedEngine`). `close()` also stops the child."""
 
     def __init__(self, remote, process: VLLMProcess, chat_formats: dict[str, ChatFormat]):
-        self.remote, self.process, self.chat_formats = remote, process, chat_formats
-
-    def models(self) -> list[str]:
-        return self.remote.models()
-
-    def stream(self, messages: list[dict], params, model: str, cancel: threading.Event | None = None):
-        fmt = self.chat_formats.get(model)
-        if fmt is not None:
-            params = dataclasses.replace(params, stop=[*params.stop, *(s for s in fmt.stop if s not in params.stop)])
-            if fmt.system_prompt and (not messages or messages[0]["role"] != "system"):
-                messages = [{"role": "system", "content": fmt.system_prompt}, *messages]
-        return self.remote.stream(messages, params, model, cancel)
+        super().__init__(remote, chat_formats)
+        self.process = process
 
     def close(self) -> None:
         try:
