@@ -77,6 +77,10 @@ class TrainSettings:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 42
+    # True: run the decoder body and compute the LM head + cross-entropy in row chunks
+    # (chatbuild.losses), never holding the full fp32 logits; the same loss, less memory. Llama-family
+    # bases only.
+    chunked_loss: bool = False
 
 
 @dataclass

@@ -121,7 +121,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path | Non
         raise UserError(f"{out} already holds a run ({old['name']}); pass --resume to continue it or "
                         "--overwrite to start again")
     # Resuming may extend training or change logging cadence; everything else must match.
-    free = {"steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every"}
+    free = {"steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "chunked_loss"}
     diff = [f"{s}.{k}" for s in ("model", "lora", "data", "train") for k in new[s]
             if new[s][k] != old[s][k] and not (s == "train" and k in free)]
     if diff:
@@ -230,6 +230,10 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
     model = attach_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
                         cfg.model.gradient_checkpointing, modules_to_save)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.chunked_loss:
+        from chatbuild.losses import decoder_and_head
+
+        decoder_and_head(model)  # a model family it does not support fails here, before any step
     say(f"model: {cfg.model.base} ({cfg.model.quant}{' + double quant' if cfg.model.double_quant else ''}) "
         f"on {device}; LoRA r={cfg.lora.r} alpha={cfg.lora.alpha}: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable")
 
@@ -268,13 +272,8 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
             n_items = torch.tensor(float(sum(count_targets(b["labels"]) for b in batches)))
             if world > 1:
                 torch.distributed.all_reduce(n_items)
-            step_loss = torch.zeros(())
-            for b in batches:
-                b = {k: v.to(device) for k, v in b.items()}
-                loss = model(**b, use_cache=False, num_items_in_batch=n_items.to(device)).loss  # sum / tokens in the step
-                loss.backward()
-                step_loss += loss.detach().float().cpu()
-                tokens_since += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+            step_loss, tokens = accumulate_gradients(model, batches, n_items, device, cfg.train.chunked_loss)
+            tokens_since += tokens
             if world > 1:
                 torch.distributed.all_reduce(step_loss)
                 for p in trainable:
@@ -417,6 +416,39 @@ def _epoch_order(epoch: int, lengths: list[int], seed: int, batching: str, micro
 def count_targets(labels) -> int:
     """Tokens that contribute to the loss: labels after the causal shift that are not -100."""
     return int((labels[..., 1:] != -100).sum())
+
+
+def forward_loss(model, batch: dict, num_items_in_batch, chunked_loss: bool = False):
+    """One micro-batch's loss: its summed token cross-entropy / `num_items_in_batch` (the target tokens
+    of the whole optimizer step), so the micro-batches' losses add up to the step's token-weighted mean.
+
+    chunked_loss: the decoder body runs alone and `chatbuild.losses` computes the head and the loss in
+    chunks, never holding the full fp32 logits; the same number as the plain forward."""
+    if not chunked_loss:
+        return model(**batch, use_cache=False, num_items_in_batch=num_items_in_batch).loss
+    from chatbuild.losses import chunked_causal_lm_loss, decoder_and_head
+
+    body, head_weight = decoder_and_head(model)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = body(**inputs, use_cache=False).last_hidden_state
+    return chunked_causal_lm_loss(hidden, head_weight, batch["labels"], num_items_in_batch)
+
+
+def accumulate_gradients(model, batches: list[dict], n_items, device: str, chunked_loss: bool = False):
+    """Forward and backward over one optimizer step's micro-batches, summing LoRA gradients.
+
+    n_items: target tokens of the whole step (`count_targets`, across processes). Returns the step's
+    loss (a CPU fp32 scalar tensor) and the real (non-padding) tokens it computed."""
+    import torch
+
+    step_loss, tokens = torch.zeros(()), 0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        loss = forward_loss(model, b, n_items.to(device), chunked_loss)
+        loss.backward()
+        step_loss += loss.detach().float().cpu()
+        tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+    return step_loss, tokens
 
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float):
