@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         engine = launch_vllm(args.runs, base=args.base, base_name=args.base_name)
     else:
         engine = open_engine(args.runs, base=args.base, base_name=args.base_name, kind=args.engine,
-                             url=args.remote_url, api_key=args.remote_key, device=args.device)
+                             url=args.remote_url, api_key=args.remote_key, device=args.device,
+                             max_batch=args.max_running)  # every admitted generation decodes in the batch
     try:
         app = create_app(engine, settings, ui=not args.no_ui)
         print(f"chatbuild serve: models {', '.join(engine.models())} on http://{args.host}:{args.port} "

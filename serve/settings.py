@@ -17,8 +17,8 @@ class Settings:
     max_new_tokens: int = 2048  # the largest max_tokens a request may ask for
     default_max_tokens: int = 256  # when a request gives no max_tokens
     max_body_bytes: int = 1_000_000  # request body size
-    max_running: int = 4  # generations at once
-    queue_size: int = 16  # requests waiting for a generation slot; one more gets 429
+    max_running: int = 16  # generations at once (the in-process engine decodes them in one batch)
+    queue_size: int = 64  # requests waiting for a generation slot; one more gets 429
     max_stop: int = 4  # stop strings in one request (OpenAI's limit)
     db_path: str | None = None  # the UI's SQLite database (arena votes, ...); None: chatbuild.storage's default
     # The Build tab (fine-tune and evaluate from the browser): off unless asked for, since it runs jobs

@@ -124,18 +124,19 @@ def check_params(params: GenerationParams) -> None:
 
 def open_engine(runs: Sequence[str | Path] = (), *, base: str | None = None, base_name: str | None = None,
                 kind: str = "hf", url: str | None = None, api_key: str | None = None,
-                device: str | None = None, max_prompt_tokens: int | None = None) -> ChatEngine:
+                device: str | None = None, max_prompt_tokens: int | None = None, max_batch: int = 16) -> ChatEngine:
     """The engine for a command line: `kind` "hf" serves run folders (and/or a bare `base`) in this
     process; "openai" talks to the OpenAI-compatible server at `url`, where `runs` (if any) are the
     models to expose instead of everything the server lists: model names, or run folders (served
-    there under the run's name; their stop strings and system prompt are added to each request)."""
+    there under the run's name; their stop strings and system prompt are added to each request).
+    `max_batch`: the most replies the hf engine decodes in one forward pass."""
     if kind == "hf":
         if url:
             raise UserError("a remote URL needs the openai engine (--engine openai)")
         from chatbuild.engines.hf import HFEngine
 
         return HFEngine.from_runs(runs, base=base, base_name=base_name, device=device,
-                                  max_prompt_tokens=max_prompt_tokens)
+                                  max_prompt_tokens=max_prompt_tokens, max_batch=max_batch)
     if kind == "openai":
         if not url:
             raise UserError("the openai engine needs the server's URL (--remote-url)")

@@ -5,17 +5,20 @@
     engine.load_adapter("c", "runs/c")                      # hot-load another run on the same base
 
 How a request picks its adapter without touching shared state: every forward pass gets PEFT's
-`adapter_names=[adapter]` (PEFT's mixed-adapter inference; `"__base__"` = no adapter), so nothing like
-`set_adapter` is ever toggled. PEFT implements `adapter_names` with forward hooks that live for the
-duration of one call on the shared modules, so calls must not overlap: forward passes are serialized
-by one lock, one token step at a time. Concurrent requests therefore interleave token by token, and
-each gets exactly the tokens it would get alone (batch 1, its own KV cache, its own seeded sampler).
-Batching several requests into one forward pass (PEFT's mixed batches) is the obvious next step for
-throughput; this engine keeps the simple, exact form.
+`adapter_names` list, one entry per batch row (PEFT's mixed-adapter inference; `"__base__"` = no
+adapter), so nothing like `set_adapter` is ever toggled and requests for different runs share one
+forward pass. PEFT implements `adapter_names` with forward hooks that live for the duration of one
+call on the shared modules, so calls must not overlap: forward passes and adapter loading take one lock.
 
-The decode loop is ours rather than `model.generate` because it needs, per token: the lock, the
-cancel check, the stop strings, and the running token counts. Sampling uses transformers' own logits
-processors, in `generate`'s order (repetition penalty, temperature, top-k, top-p).
+Concurrent requests are batched continuously (`chatbuild.engines.batching`): one decode thread runs
+one forward pass per token step for every running reply, replies join and leave the batch between
+steps, at most `max_batch` at once (the rest wait their turn). Each reply gets the tokens it would get
+alone (its own seeded sampler; left-padded rows see only their own tokens). The reading thread turns
+tokens into text: stop strings, and what a cancelled or closed stream counts, are decided there.
+
+The decode loop is ours rather than `model.generate` because it needs, per token: the cancel check,
+the stop strings, the running token counts, and rows joining mid-flight. Sampling uses transformers'
+own logits processors, in `generate`'s order (repetition penalty, temperature, top-k, top-p).
 """
 
 import re
@@ -34,6 +37,7 @@ from chatbuild.engines import (
     UnknownModel,
     check_params,
 )
+from chatbuild.engines.batching import Request, Scheduler
 from chatbuild.errors import UserError
 from chatbuild.runs import Run, load_run
 from chatbuild.templates import ChatFormat, prompt_ids
@@ -67,33 +71,59 @@ class HFEngine:
     def __init__(self, base: str, *, revision: str | None = None, quant: str = "nf4", double_quant: bool = True,
                  compute_dtype: str = "auto", quant_storage: str = "uint8", trust_remote_code: bool = False,
                  device: str | None = None, base_name: str | None = None, chat_format: ChatFormat | None = None,
-                 max_prompt_tokens: int | None = None):
+                 max_prompt_tokens: int | None = None, max_batch: int = 16):
         """Load the base model (quantized as asked) and serve it bare under `base_name` (default: the
         base's folder name or hub id). Adapters come with `load_adapter`. `chat_format` is how the bare
-        base is prompted (default: Guanaco); `max_prompt_tokens` caps prompts below the context window."""
+        base is prompted (default: Guanaco); `max_prompt_tokens` caps prompts below the context window;
+        `max_batch` is the most replies decoded in one forward pass (1: one reply at a time)."""
         from chatbuild.modeling import load_base_model, load_tokenizer
 
-        self.model = load_base_model(base, revision, quant, double_quant, compute_dtype, device, trust_remote_code,
-                                     quant_storage=quant_storage)
+        model = load_base_model(base, revision, quant, double_quant, compute_dtype, device, trust_remote_code,
+                                quant_storage=quant_storage)
+        self._setup(model, load_tokenizer(base, revision, trust_remote_code), base_name or _default_base_name(base),
+                    chat_format, max_prompt_tokens, max_batch)
+        self.base_key = (_normalized(base), revision, quant)  # what a run must be trained on to be served here
+
+    @classmethod
+    def from_model(cls, model, tokenizer, name: str, *, adapters: dict[str, str] | None = None,
+                   chat_format: ChatFormat | None = None, max_prompt_tokens: int | None = None,
+                   max_batch: int = 16) -> "HFEngine":
+        """An engine over a model already in memory (benchmarks: `chatbuild.shapes.build_random_4bit`),
+        served bare under `name`, plus `adapters` ({model name: PEFT adapter name}) already on `model`
+        (then a PeftModel). Run folders cannot be hot-loaded onto it: it has no base on disk to check."""
+        engine = cls.__new__(cls)
+        engine._setup(model, tokenizer, name, chat_format, max_prompt_tokens, max_batch)
+        engine.base_key = (name, None, "in memory")
+        for served, adapter in (adapters or {}).items():
+            engine._models[served] = ServedModel(served, adapter, tokenizer, chat_format or ChatFormat())
+        return engine
+
+    def _setup(self, model, tokenizer, base_name: str, chat_format: ChatFormat | None, max_prompt_tokens: int | None,
+               max_batch: int) -> None:
+        self.model = model
         self.model.eval()
         self.device = next(self.model.parameters()).device
-        self.base_key = (_normalized(base), revision, quant)  # what a run must be trained on to be served here
         self.context_window = getattr(self.model.config, "max_position_embeddings", None)
         self.max_prompt_tokens = max_prompt_tokens
-        self.base_name = base_name or _default_base_name(base)
+        self.base_name = base_name
         self.recent: deque[GenerationRecord] = deque(maxlen=256)
-        self._models = {self.base_name: ServedModel(self.base_name, BASE_ADAPTER,
-                                                    load_tokenizer(base, revision, trust_remote_code),
-                                                    chat_format or ChatFormat())}
+        self._models = {base_name: ServedModel(base_name, BASE_ADAPTER, tokenizer, chat_format or ChatFormat())}
         self._lock = threading.Lock()  # forward passes and adapter loading, one at a time
         self._tokenize_lock = threading.Lock()  # fast tokenizers are not safe to call concurrently
         self._count_lock = threading.Lock()
         self._active = 0
         self._adapters_loaded = 0
+        self._scheduler = Scheduler(self._forward, self.device, max_batch)
+
+    @property
+    def batch_sizes(self):
+        """A Counter of decode steps by how many replies each one ran (batch size -> steps)."""
+        return self._scheduler.batch_sizes
 
     @classmethod
     def from_runs(cls, runs: Sequence[str | Path] = (), *, base: str | None = None, base_name: str | None = None,
-                  device: str | None = None, max_prompt_tokens: int | None = None) -> "HFEngine":
+                  device: str | None = None, max_prompt_tokens: int | None = None,
+                  max_batch: int = 16) -> "HFEngine":
         """An engine serving run folders on their shared base, plus the bare base.
 
         All runs must name the same base, revision and quantization (one base per engine: start one
@@ -117,7 +147,7 @@ class HFEngine:
         engine = cls(base or m.base, revision=m.revision, quant=m.quant, double_quant=m.double_quant,
                      compute_dtype=m.compute_dtype, quant_storage=m.quant_storage, trust_remote_code=m.trust_remote_code,
                      device=device, base_name=base_name, chat_format=loaded[0].chat_format if loaded else None,
-                     max_prompt_tokens=max_prompt_tokens)
+                     max_prompt_tokens=max_prompt_tokens, max_batch=max_batch)
         if loaded:
             engine.base_key = _run_key(loaded[0])  # what later runs must name, even when `base` moved it
         for run in loaded:
@@ -192,8 +222,8 @@ class HFEngine:
 
     def stream(self, messages: list[dict], params: GenerationParams, model: str,
                cancel: threading.Event | None = None) -> Iterator[Chunk]:
-        """Stream a reply (ChatEngine contract). The request is checked now; tokens are generated
-        as the returned iterator is read, in the reading thread."""
+        """Stream a reply (ChatEngine contract). The request is checked now; it joins the decode batch
+        when the returned iterator is first read, and leaves it when done, cancelled or closed."""
         served = self._served(model)
         check_params(params)
         ids = self._prompt(served, messages)
@@ -209,11 +239,12 @@ class HFEngine:
 
     def _generate(self, served: ServedModel, ids: list[int], params: GenerationParams,
                   cancel: threading.Event | None) -> Iterator[Chunk]:
-        import torch
-
+        """Read one reply's tokens from the decode thread and turn them into chunks of text. What this
+        reader has taken is what the reply counts: a cancelled stream reports no token it did not see."""
         with self._count_lock:
             self._active += 1
-        started, finish, generated, done = time.perf_counter(), "length", [], False
+        started, finish, generated, done = time.perf_counter(), "length", 0, False
+        request = None
         try:
             tokenizer = served.tokenizer
             eos = _eos_ids(tokenizer, self.model)
@@ -224,45 +255,49 @@ class HFEngine:
             budget = params.max_new_tokens
             if self.context_window:
                 budget = min(budget, self.context_window - len(ids))
-            seen = torch.tensor([ids], device=self.device)  # prompt + reply so far, for the repetition penalty
-            step_input, cache, last_piece = seen, None, None
-            while len(generated) < budget:
+            request = Request(ids, served.adapter, pick, eos, budget, cancel)
+            self._scheduler.submit(request)
+            last_piece = None
+            while True:
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
                     break
-                with torch.inference_mode():
-                    with self._lock:  # looked up per step: `load_adapter` may wrap a bare base meanwhile
-                        adapter = {"adapter_names": [served.adapter]} if _is_peft(self.model) else {}
-                        out = self.model(input_ids=step_input, past_key_values=cache, use_cache=True,
-                                         logits_to_keep=1, **adapter)
-                    cache = out.past_key_values
-                    token = pick(seen, out.logits[:, -1, :].float())
-                if token is None:  # a choice is complete
-                    finish = "stop"
+                event = request.events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                token, ended = event
+                if token is not None:
+                    generated += 1
+                    if ended != "stop":  # a reply's last token is text unless it is EOS
+                        piece, stopped = reply.push(token)
+                        if stopped:
+                            finish, last_piece = "stop", piece
+                            break
+                        if piece:
+                            yield Chunk(piece, None, len(ids), generated)
+                if ended:
+                    finish = ended
                     break
-                generated.append(token)
-                if token in eos:
-                    finish = "stop"
-                    break
-                piece, stopped = reply.push(token)
-                if stopped:
-                    finish, last_piece = "stop", piece
-                    break
-                if piece:
-                    yield Chunk(piece, None, len(ids), len(generated))
-                step_input = torch.tensor([[token]], device=self.device)
-                seen = torch.cat([seen, step_input], dim=1)
             done = True
-            yield Chunk(reply.flush() if last_piece is None else last_piece, finish, len(ids), len(generated))
+            yield Chunk(reply.flush() if last_piece is None else last_piece, finish, len(ids), generated)
         except GeneratorExit:  # the reader closed the iterator mid-reply: that is a cancel too
             if not done:
                 finish = "cancelled"
             raise
         finally:
+            if request is not None:
+                request.abandoned = True  # a no-op if the row is done; else it leaves at the next step
             with self._count_lock:
                 self._active -= 1
-            self.recent.append(GenerationRecord(served.name, len(ids), len(generated), finish,
+            self.recent.append(GenerationRecord(served.name, len(ids), generated, finish,
                                                 time.perf_counter() - started))
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str]):
+        """One forward pass for the decode thread: `adapters` names each row's adapter."""
+        with self._lock:  # looked up per call: `load_adapter` may wrap a bare base meanwhile
+            adapter = {"adapter_names": adapters} if _is_peft(self.model) else {}
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=cache, use_cache=True, logits_to_keep=1, **adapter)
 
     def close(self) -> None:
         """Drop the model and adapters (and the GPU memory they held)."""
@@ -270,6 +305,7 @@ class HFEngine:
 
         import torch
 
+        self._scheduler.close()
         with self._lock:
             self._models.clear()
             self.model = None

@@ -1,0 +1,343 @@
+"""Benchmark: serving speed of one 4-bit base with LoRA adapters, plain `generate` vs our engine.
+
+    .venv/bin/python bench/serve.py --tiny              # CPU, tiny base (~2 min on 2 cores)
+    .venv/bin/python bench/serve.py --shape llama-7b    # GPU: 7B-shaped random NF4 base + rank-64 adapters
+
+Writes bench/results/serve-<device>-<date>.json (device: cpu, or the GPU's name).
+
+The model: a base with random weights in NF4 (double quantization), with two random LoRA adapters
+(A and B both random, so they change every output) made in memory with PEFT; requests rotate over
+adapter a, adapter b and the bare base, so batches mix adapters. Random weights rarely emit EOS, so
+replies run to `max_tokens`. `--tiny` builds the tiny base with random weights (`chatbuild tiny-base
+--pretrain-steps 0`) into .chatbuild/bench/ and uses rank-8 adapters in fp32 on CPU; `--shape` builds
+the named shape directly in 4 bits on the GPU (`chatbuild.shapes.build_random_4bit`, bf16 compute)
+with rank-64 adapters and the tiny base's tokenizer (prompt ids only; the GPU machine has no hub).
+THE GPU VARIANT HAS NOT BEEN RUN YET (written on a CPU-only machine): expect to fix small things.
+
+What is measured, in one run on the same model object:
+1. plain HF: `model.generate` greedy, batch 1, adapter a active: time to first token (generate with
+   one new token) and decode tok/s ((N-1) tokens / (time for N - time for 1)), median of `--trials`;
+2. our engine, in process, batch 1: the same two figures through `HFEngine.stream`;
+3. through the real HTTP API (`serve.app.create_app` under uvicorn in a thread on loopback, load from
+   httpx async streaming clients in the main thread), with 1, 8, 32, 64 concurrent clients each
+   sending `--requests-per-client` streamed requests: aggregate tok/s (completion tokens from the
+   usage event / wall time), p50/p95 time to first token and request latency, p50 inter-token time.
+   Done twice: `max_batch=1` (one reply at a time; the engine before continuous batching interleaved
+   concurrent replies token by token at batch 1, so it had this aggregate tok/s with a shorter time to
+   first token) and `max_batch` = the most clients (continuous batching).
+The server, the clients and the decode thread share one Python process (and GIL) on purpose: it is
+the deployment shape, and on 2 CPU cores the load generator's cost is part of what is measured.
+"""
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
+CONCURRENCY = (1, 8, 32, 64)
+
+
+# ── the model ───────────────────────────────────────────────────────────────────────────────
+def tiny_model(rank: int):
+    """The tiny base (random weights) in NF4 on CPU, with adapters a and b; and its tokenizer."""
+    from chatbuild.modeling import load_base_model, load_tokenizer
+    from pipelines.tiny_base import TinyBaseSpec, build_tiny_base
+
+    path = REPO / ".chatbuild" / "bench" / "tiny-base-random"
+    if not (path / "config.json").is_file():
+        build_tiny_base(path, TinyBaseSpec(pretrain_steps=0), force=True, log=lambda *_: None)
+    model = load_base_model(str(path), None, "nf4", True, "float32", "cpu", False)
+    return with_adapters(model, rank), load_tokenizer(str(path)), path.name
+
+
+def shape_model(shape: str, rank: int):
+    """A `shape` model built in NF4 on the GPU, with adapters a and b; the tiny tokenizer."""
+    import torch
+
+    from chatbuild.modeling import load_tokenizer
+    from chatbuild.shapes import build_random_4bit
+    from pipelines.tiny_base import TinyBaseSpec, build_tiny_base
+
+    path = REPO / ".chatbuild" / "bench" / "tiny-base-random"
+    if not (path / "config.json").is_file():
+        build_tiny_base(path, TinyBaseSpec(pretrain_steps=0), force=True, log=lambda *_: None)
+    model = build_random_4bit(shape, device="cuda", compute_dtype=torch.bfloat16)
+    model.config.use_cache = True  # build_random_4bit is set up for training
+    return with_adapters(model, rank), load_tokenizer(str(path)), shape
+
+
+def with_adapters(model, rank: int):
+    """Two random LoRA adapters on all linear layers (A and B random, B scaled up as in the tests'
+    run folders, so each adapter visibly changes the outputs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    model = get_peft_model(model, config, adapter_name="a")
+    model.add_adapter("b", config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(3.0)
+    model.set_adapter("a")
+    return model.eval()
+
+
+# ── 1. plain HF generate ───────────────────────────────────────────────────────────────────
+def plain_generate(model, ids: list[int], new_tokens: int, trials: int) -> dict:
+    import torch
+
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+
+    def timed(n):
+        sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                           min_new_tokens=n, pad_token_id=0)
+        sync()
+        return time.perf_counter() - start
+
+    timed(4)  # warm-up
+    firsts = [timed(1) for _ in range(trials)]
+    fulls = [timed(new_tokens) for _ in range(trials)]
+    ttft, full = statistics.median(firsts), statistics.median(fulls)
+    return {"ttft_s": round(ttft, 4), "decode_tok_s": round((new_tokens - 1) / (full - ttft), 1),
+            "tokens": new_tokens}
+
+
+# ── 2. our engine, in process ───────────────────────────────────────────────────────────────
+def engine_batch1(engine, new_tokens: int, trials: int) -> dict:
+    from chatbuild.engines import GenerationParams
+
+    params = GenerationParams(temperature=0, max_new_tokens=new_tokens)
+
+    def once():
+        start = time.perf_counter()
+        first = None
+        for chunk in engine.stream(PROMPT, params, "a"):
+            if first is None and chunk.completion_tokens:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        return first - start, end - first, chunk.completion_tokens
+
+    once()  # warm-up
+    runs = [once() for _ in range(trials)]
+    ttft = statistics.median(r[0] for r in runs)
+    decode = statistics.median((r[2] - 1) / r[1] for r in runs)
+    return {"ttft_s": round(ttft, 4), "decode_tok_s": round(decode, 1), "tokens": runs[-1][2]}
+
+
+# ── 3. through the HTTP API ─────────────────────────────────────────────────────────────────
+class Server:
+    """`create_app(engine)` under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, engine, max_clients: int, max_tokens: int):
+        import socket
+
+        import uvicorn
+
+        from serve.app import create_app
+        from serve.settings import Settings
+
+        settings = Settings(max_running=max_clients, queue_size=max_clients, max_new_tokens=max_tokens)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine, settings, ui=False), log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+async def one_request(client, url: str, model: str, max_tokens: int) -> dict:
+    body = {"model": model, "messages": PROMPT, "temperature": 0, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    arrivals, tokens = [], 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            elif event["choices"] and event["choices"][0]["delta"].get("content"):
+                arrivals.append(time.perf_counter())
+    end = time.perf_counter()
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    return {"start": start, "end": end, "ttft": (arrivals[0] if arrivals else end) - start, "tokens": tokens,
+            "gap": statistics.median(gaps) if gaps else None}
+
+
+async def load(url: str, models: list[str], clients: int, per_client: int, max_tokens: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def user(i):
+            return [await one_request(client, url, models[(i + k) % len(models)], max_tokens)
+                    for k in range(per_client)]
+
+        results = [r for rs in await asyncio.gather(*(user(i) for i in range(clients))) for r in rs]
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    ttfts = [r["ttft"] for r in results]
+    latencies = [r["end"] - r["start"] for r in results]
+    gaps = [r["gap"] for r in results if r["gap"] is not None]
+    return {"clients": clients, "requests": len(results), "completion_tokens": tokens, "wall_s": round(wall, 3),
+            "aggregate_tok_s": round(tokens / wall, 1),
+            "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p95_s": round(percentile(ttfts, 95), 4),
+            "latency_p50_s": round(percentile(latencies, 50), 4), "latency_p95_s": round(percentile(latencies, 95), 4),
+            "inter_token_p50_s": round(statistics.median(gaps), 5) if gaps else None}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
+
+
+def http_sweep(engine, clients_list: list[int], max_tokens: int, per_client: int, log) -> list[dict]:
+    models = engine.models()  # a, b, the bare base: batches mix adapters
+    rows = []
+    with Server(engine, max(clients_list), max_tokens) as url:
+        asyncio.run(load(url, models, 1, 1, 4))  # warm-up
+        for clients in clients_list:
+            before = engine.batch_sizes.copy()
+            row = asyncio.run(load(url, models, clients, per_client, max_tokens))
+            steps = engine.batch_sizes - before
+            row["decode_steps"] = sum(steps.values())
+            row["mean_batch"] = round(sum(k * v for k, v in steps.items()) / max(1, sum(steps.values())), 2)
+            log(f"  {clients:3d} clients: {row['aggregate_tok_s']:8.1f} tok/s, ttft p50 {row['ttft_p50_s']:.3f}s "
+                f"p95 {row['ttft_p95_s']:.3f}s, latency p50 {row['latency_p50_s']:.2f}s, mean batch {row['mean_batch']}")
+            rows.append(row)
+    return rows
+
+
+# ── the run ─────────────────────────────────────────────────────────────────────────────────
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpus_usable": len(os.sched_getaffinity(0)), "cpus_total": os.cpu_count(),
+            "platform": platform.platform(), "load_average_before": [round(x, 2) for x in os.getloadavg()],
+            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "fastapi", "uvicorn", "httpx", "chatbuild"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tiny", action="store_true", help="CPU: the tiny base with random weights")
+    which.add_argument("--shape", help="GPU: a named shape from chatbuild.shapes, e.g. llama-7b")
+    p.add_argument("--rank", type=int, help="LoRA rank of the adapters (8 tiny, 64 shape)")
+    p.add_argument("--max-tokens", type=int, help="new tokens per request (32 tiny, 128 shape)")
+    p.add_argument("--clients", type=int, nargs="+", default=list(CONCURRENCY), help="concurrent clients to try")
+    p.add_argument("--requests-per-client", type=int, default=1)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
+    p.add_argument("--out", type=Path, help="result file (default bench/results/serve-<device>-<date>.json)")
+    args = p.parse_args()
+
+    import torch
+
+    from chatbuild.engines.hf import HFEngine
+    from chatbuild.templates import ChatFormat, prompt_ids
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    rank = args.rank or (8 if args.tiny else 64)
+    max_tokens = args.max_tokens or (32 if args.tiny else 128)
+    started = time.perf_counter()
+    model, tokenizer, name = tiny_model(rank) if args.tiny else shape_model(args.shape, rank)
+    ids = prompt_ids(ChatFormat(), tokenizer, PROMPT)
+    device = "cpu" if args.tiny else torch.cuda.get_device_name(0).lower().replace("nvidia ", "").split()[0]
+    log(f"{name} on {device}: prompt {len(ids)} tokens, {max_tokens} new tokens per request, adapters rank {rank}")
+
+    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+              "versions": versions(), "model": name, "adapter_rank": rank, "prompt_tokens": len(ids),
+              "max_tokens": max_tokens, "requests_per_client": args.requests_per_client,
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+    result["plain_generate_batch1"] = plain_generate(model, ids, max_tokens, args.trials)
+    log(f"plain generate, batch 1: {result['plain_generate_batch1']}")
+
+    result["http"] = {}
+    for label, max_batch in (("one_at_a_time", 1), ("continuous_batching", max(2, *args.clients))):
+        engine = HFEngine.from_model(model, tokenizer, name, adapters={"a": "a", "b": "b"}, max_batch=max_batch)
+        if label == "continuous_batching":
+            result["engine_batch1"] = engine_batch1(engine, max_tokens, args.trials)
+            log(f"engine, batch 1: {result['engine_batch1']}")
+        log(f"HTTP, max_batch={max_batch}:")
+        result["http"][label] = {"max_batch": max_batch,
+                                 "by_clients": http_sweep(engine, args.clients, max_tokens, args.requests_per_client,
+                                                          log)}
+        engine.close()  # drops the engine's hold on the model; the next engine serves the same object
+
+    one, many = result["http"]["one_at_a_time"]["by_clients"], result["http"]["continuous_batching"]["by_clients"]
+    result["speedup_aggregate"] = {str(a["clients"]): round(b["aggregate_tok_s"] / a["aggregate_tok_s"], 2)
+                                   for a, b in zip(one, many, strict=True)}
+    result["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["total_s"] = round(time.perf_counter() - started, 1)
+    out = args.out or REPO / "bench" / "results" / f"serve-{device}-{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"speedup (aggregate tok/s, batching vs one at a time): {result['speedup_aggregate']}")
+    log(f"wrote {out} in {result['total_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Continuous batching for the in-process engine: many replies, one forward pass per token step.
+
+    scheduler = Scheduler(forward, max_batch=16)      # forward(input_ids, attention_mask, position_ids, cache, adapters)
+    scheduler.submit(request)                          # from any thread; events arrive on request.events
+    scheduler.close()
+
+One background thread owns the decoding. Each iteration it
+  1. drops rows whose reply is over (finished, cancelled, or abandoned by their reader);
+  2. admits waiting requests, up to `max_batch` rows: each new prompt is prefilled alone (batch 1, no
+     padding, its own adapter) into a fresh `DynamicCache`, its first token is sampled from the prefill
+     logits, and its cache is merged into the running batch's cache;
+  3. runs ONE forward pass over all rows (one new token each), with PEFT's `adapter_names` giving each
+     row its own adapter ("__base__" = the bare base), so requests for different runs share a batch;
+  4. samples every row with that row's own picker (its temperature, top-p/k, penalty, seeded
+     generator, guided choices) and hands the token to the row's reader.
+
+The batch cache is left-padded: row i's real tokens are the last `lengths[i]` positions of every
+layer's keys/values, the positions before them are zeros that the 2-D attention mask hides, and each
+row's position ids count only its real tokens. So a row computes what it would compute alone, up to
+floating-point reassociation in batched matrix products (greedy tokens agree on our tests; sampled
+ones agree unless two tokens' probabilities differ in the last bits). Rows join by padding the shorter
+side on the left, and leave by indexing the batch dimension; leading columns that only padding uses
+are trimmed then.
+
+The scheduler knows tokens, not text: its events are (token, finish) pairs, and the reading thread
+turns tokens into text and checks stop strings (which keeps the tokenizer work off the decode thread);
+a reader that has seen enough sets `request.abandoned` and the row leaves at the next step.
+
+Where a faster decode path goes (issue 11a, GPU only): `KVBatch` + `forward` are the whole interface
+between the scheduler and the model. A static, preallocated cache with fixed batch slots (rows take a
+free slot instead of concatenating) and a CUDA-graph-captured or `torch.compile`d decode step can
+replace them without touching admission, sampling or the readers.
+"""
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from queue import SimpleQueue
+
+
+@dataclass
+class Request:
+    """One reply being generated. `pick(seen, logits[1, vocab]) -> token id | None` samples (None: a
+    guided choice is complete); `budget` is the most tokens to generate. Events on `events`:
+    `(token, None)` for a token, `(token | None, finish)` for the last one ("stop": EOS, whose token is
+    not reply text, or a complete choice; "length"; "cancelled"), or an exception."""
+
+    prompt: list[int]
+    adapter: str
+    pick: Callable
+    eos: set[int]
+    budget: int
+    cancel: threading.Event | None = None
+    events: SimpleQueue = field(default_factory=SimpleQueue)
+    abandoned: bool = False  # set by the reader: nobody reads the rest
+    # scheduler-side state
+    seen: object = None  # prompt + reply so far, a [1, n] tensor (the repetition penalty reads it)
+    generated: int = 0
+    length: int = 0  # real tokens in the cache for this row
+    next_token: int | None = None  # sampled, not yet fed to the model
+    done: bool = False
+
+    def over(self) -> bool:
+        return self.done or self.abandoned or (self.cancel is not None and self.cancel.is_set())
+
+
+class KVBatch:
+    """The running batch's key/value cache, left-padded, plus its 2-D attention mask.
+
+    `cache` is a transformers `DynamicCache` whose layers hold [rows, kv_heads, T, head_dim] tensors;
+    `mask` is a [rows, T] long tensor, 1 where a row has a real token."""
+
+    def __init__(self):
+        self.cache = None
+        self.mask = None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def join(self, cache, length: int) -> None:
+        """Append a row whose own (batch-1, unpadded) cache holds `length` tokens."""
+        import torch
+
+        row_mask = torch.ones(1, length, dtype=torch.long, device=cache.layers[0].keys.device)
+        if self.cache is None:
+            self.cache, self.mask = cache, row_mask
+            return
+        width = max(self.mask.shape[1], length)
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(row_mask, width, 1)])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (indices, in order); trim leading columns no remaining row uses."""
+        import torch
+
+        if not rows:
+            self.cache = self.mask = None
+            return
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask[index]
+        start = int((mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # all-padding columns on the left
+        self.mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+    def step_mask(self):
+        """The attention mask for one more token per row (and, after the step, the batch's mask)."""
+        import torch
+
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
+        return self.mask
+
+
+def _pad_left(t, width: int, dim: int):
+    import torch.nn.functional as F
+
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]  # F.pad lists dimensions from the last one
+    return F.pad(t, pad)
+
+
+class Scheduler:
+    """The decode thread (see the module docstring). `forward(input_ids, attention_mask, position_ids,
+    cache, adapters)` runs the model (the engine adds its lock and PEFT's `adapter_names`) and
+    returns its output; `device` is where input tensors go."""
+
+    def __init__(self, forward: Callable, device, max_batch: int = 16):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.forward, self.device, self.max_batch = forward, device, max_batch
+        self.batch_sizes: Counter = Counter()  # decode steps by number of rows, for tests and benchmarks
+        self._waiting: list[Request] = []
+        self._rows: list[Request] = []
+        self._kv = KVBatch()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, request: Request) -> None:
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._waiting.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="chatbuild-decode", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Stop the thread; requests still running or waiting end with an error."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # ── the decode thread ───────────────────────────────────────────────────────────────────
+    def _run(self) -> None:
+        import torch
+
+        while True:
+            with self._wake:
+                while not (self._closed or self._waiting or self._rows):
+                    self._wake.wait()
+                if self._closed:
+                    self._fail(RuntimeError("the engine was closed"), self._rows + self._waiting)
+                    return
+                for request in [r for r in self._waiting if r.over()]:  # given up while waiting for a row
+                    self._waiting.remove(request)
+                    self._finish(request, None, "cancelled")
+                joining = self._waiting[:self.max_batch - len(self._rows)]
+                del self._waiting[:len(joining)]
+            try:
+                with torch.inference_mode():
+                    self._drop_finished()
+                    for request in joining:
+                        self._admit(request)
+                    self._drop_finished()
+                    if self._rows:
+                        self._decode()
+            except Exception as e:  # a failed batched step fails every row in it; the thread lives on
+                self._fail(e, self._rows)
+                self._rows, self._kv = [], KVBatch()
+
+    def _admit(self, request: Request) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        if request.over():
+            self._finish(request, None, "cancelled")
+            return
+        try:
+            ids = torch.tensor([request.prompt], device=self.device)
+            cache = DynamicCache()  # a full-attention cache, whatever the model's config says: rows merge simply
+            out = self.forward(ids, torch.ones_like(ids), None, cache, [request.adapter])
+            request.seen, request.length = ids, len(request.prompt)
+            self._sample(request, out.logits[:, -1, :].float())
+        except Exception as e:  # this prompt failed alone: the batch goes on
+            request.events.put(e)
+            return
+        if not request.done:
+            self._rows.append(request)
+            self._kv.join(cache, request.length)
+
+    def _decode(self) -> None:
+        import torch
+
+        rows = self._rows
+        self.batch_sizes[len(rows)] += 1
+        input_ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
+        positions = torch.tensor([[r.length] for r in rows], device=self.device)
+        out = self.forward(input_ids, self._kv.step_mask(), positions, self._kv.cache, [r.adapter for r in rows])
+        logits = out.logits[:, -1, :].float()
+        for i, request in enumerate(rows):
+            request.length += 1
+            request.seen = torch.cat([request.seen, input_ids[i:i + 1]], dim=1)
+            self._sample(request, logits[i:i + 1])
+
+    def _sample(self, request: Request, logits) -> None:
+        """Pick the row's next token and tell its reader."""
+        if request.over():  # cancelled or abandoned while the step ran: not one token more
+            self._finish(request, None, "cancelled")
+            return
+        token = request.pick(request.seen, logits)
+        if token is None:
+            self._finish(request, None, "stop")
+            return
+        request.generated += 1
+        if token in request.eos:
+            self._finish(request, token, "stop")
+        elif request.generated >= request.budget:
+            self._finish(request, token, "length")
+        else:
+            request.next_token = token
+            request.events.put((token, None))
+
+    def _finish(self, request: Request, token: int | None, finish: str) -> None:
+        request.done = True
+        request.events.put((token, finish))
+
+    def _drop_finished(self) -> None:
+        keep = []
+        for i, request in enumerate(self._rows):
+            if request.over():
+                if not request.done:  # cancelled between steps
+                    self._finish(request, None, "cancelled")
+            else:
+                keep.append(i)
+        if len(keep) < len(self._rows):
+            self._rows = [self._rows[i] for i in keep]
+            self._kv.keep(keep)
+
+    @staticmethod
+    def _fail(error: Exception, requests: list[Request]) -> None:
+        for request in requests:
+            request.done = True
+            request.events.put(error)
