@@ -107,10 +107,23 @@ def load_eval_config(path: str | Path, overrides: list[str] = ()) -> EvalConfig:
     if cfg.questions not in ("demo", "vicuna"):
         cfg.questions = local(cfg.questions)
     # run folders are paths; NAME@URL and bare engine model names (the runs' base) are not
-    cfg.models = [m if ("@" in m and "://" in m) or not (here / m).exists() else local(m) for m in cfg.models]
+    cfg.models = [_model_spec(m, here, local) for m in cfg.models]
     cfg.out = local(cfg.out)
     check(cfg, path)
     return cfg
+
+
+def _model_spec(m: str, here: Path, local) -> str:
+    """A config's model entry: NAME@URL as it is; a run folder (or any path with a "/") relative to
+    the config file; anything else a model name of the engine — also when a folder of that name
+    happens to sit beside the config (the demo's eval.yaml sits beside its base, "tiny-base")."""
+    from chatbuild.runs import is_run
+
+    if "@" in m and "://" in m:
+        return m
+    if is_run(here / m) or ("/" in m and (here / m).exists()):
+        return local(m)
+    return m
 
 
 def check(cfg: EvalConfig, path) -> None:

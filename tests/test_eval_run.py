@@ -166,3 +166,35 @@ def test_eval_run_with_a_judge_that_never_gives_a_verdict(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "no battles to rate" in printed and "pairs had an unparseable verdict" in printed
     assert not (tmp_path / "eval-out" / "leaderboard.json").exists()
+
+
+def test_config_models_a_folder_beside_the_config_is_not_a_run(tmp_path):
+    """A bare model name stays a name even when a folder of that name sits beside the config (the
+    demo writes eval.yaml next to its base, "tiny-base"); a path with "/" is resolved, and a broken
+    one is a clear error."""
+    from eval.run import load_eval_config
+
+    (tmp_path / "tiny-base").mkdir()
+    (tmp_path / "runs" / "half").mkdir(parents=True)
+    cfg_path = tmp_path / "eval.yaml"
+    cfg_path.write_text("models: [tiny-base, 'm@http://127.0.0.1:9/v1']\njudge: {url: 'http://127.0.0.1:9/v1', model: j}\n")
+    assert load_eval_config(cfg_path).models == ["tiny-base", "m@http://127.0.0.1:9/v1"]
+    cfg_path.write_text("models: [runs/half, tiny-base]\njudge: {url: 'http://127.0.0.1:9/v1', model: j}\n")
+    assert load_eval_config(cfg_path).models[0] == str(tmp_path / "runs" / "half")
+    with pytest.raises(UserError, match="not a finished run folder"):
+        parse_model(load_eval_config(cfg_path).models[0])
+
+
+@pytest.mark.integration
+def test_the_demo_evaluation_step_runs(tiny_base, tiny_run, tmp_path, capsys):
+    """`chatbuild demo` step 3 as the demo runs it: its root holds the base folder beside eval.yaml."""
+    import shutil
+
+    from chatbuild.demo import evaluate_demo
+
+    base = shutil.copytree(tiny_base, tmp_path / "tiny-base")
+    evaluate_demo(tmp_path, base, tiny_run)
+    out = capsys.readouterr().out
+    assert "3. ratings" in out and (tmp_path / "eval" / "leaderboard.json").is_file()
+    models = {json.loads(line)["model"] for line in (tmp_path / "eval" / "answers" / "tiny-base.jsonl").open()}
+    assert models == {"tiny-base"}
