@@ -69,10 +69,14 @@ def test_chat_streams_the_engines_reply(tiny):
 def test_stop_cancels_the_engine_mid_reply(tiny):
     url, engine, _ = tiny
     model = engine.models()[1]
+    # A seed whose reply runs at least 300 tokens without ending by itself: the engine decodes ahead
+    # of its reader, so a reply that may end early could be complete before Stop reaches it.
+    prompt = [{"role": "user", "content": "Tell me a long story."}]
+    seed = next(s for s in range(50) if engine_reply(engine, model, prompt[0]["content"],
+                                                     GenerationParams(temperature=1.0, max_new_tokens=300, seed=s))
+                and engine.recent[-1].finish_reason == "length")
     with gradio_client(url) as client:
-        # long enough to stop: the engine decodes ahead of its reader, so a short reply may be complete
-        # before the first piece of it reaches this client (the context window still bounds it)
-        job = client.submit(*chat_args("Tell me a long story.", model, 900), api_name="/chat")
+        job = client.submit(*chat_args("Tell me a long story.", model, 900, seed=seed), api_name="/chat")
         while not any(h and text_of(h[-1]) for h, _, _ in job.outputs() if h[-1]["role"] == "assistant"):
             assert not job.done(), "the reply ended before it could be stopped"
             time.sleep(0.05)
