@@ -16,6 +16,7 @@ import time
 import pytest
 
 from chatbuild import arena, storage
+from chatbuild.engines import GenerationParams
 
 pytest.importorskip("gradio")
 playwright = pytest.importorskip("playwright.sync_api")
@@ -105,11 +106,24 @@ def test_chat_streams_likes_and_stops(page, tiny, artifacts_dir):
     assert liked["liked"] is True and liked["index"] == 1 and liked["model"] == engine.models()[0]
     assert liked["messages"][0]["content"] == "Hello! Who are you?"
 
-    # Stop in the middle of a long reply: the text stops growing and the engine was cancelled
+    # Stop in the middle of a long reply: the text stops growing and the engine was cancelled. The
+    # engine decodes ahead of its reader, so the reply must not be able to end by itself first: a
+    # seed whose reply runs the full 200 tokens, in a fresh conversation.
+    story, d = [{"role": "user", "content": "Tell me a very long story."}], GenerationParams()
+
+    def runs_long(seed: int) -> bool:
+        params = GenerationParams(temperature=d.temperature, top_p=d.top_p, max_new_tokens=200, seed=seed)
+        list(engine.stream(story, params, engine.models()[0]))
+        return engine.recent[-1].finish_reason == "length"
+
+    seed = next(s for s in range(50) if runs_long(s))
+    page.click("#chat-clear")
     set_slider(page, "chat-max-new-tokens", 200, "Sampling")
-    page.fill("#chat-input textarea", "Tell me a very long story.")
+    page.locator("#chat-seed input").fill(str(seed))
+    page.locator("#chat-seed input").press("Enter")
+    page.fill("#chat-input textarea", story[0]["content"])
     page.press("#chat-input textarea", "Enter")
-    wait_until(lambda: page.locator("#chat-box [data-testid='bot']").count() == 2 and bot_text(page, "chat-box"))
+    wait_until(lambda: page.locator("#chat-box [data-testid='bot']").count() == 1 and bot_text(page, "chat-box"))
     page.click("#chat-stop")
     expect(page.locator("#chat-stats")).to_contain_text("stopped")
     wait_until(lambda: engine.recent[-1].finish_reason == "cancelled", timeout=30)
