@@ -81,3 +81,24 @@ def tiny_run_b(tiny_base, tmp_path_factory) -> Path:
     """A second run on the same base with other data order and seed, so its adapter differs."""
     return finetune_tiny(tiny_base, tmp_path_factory.mktemp("runs") / "tiny-b", "train.steps=8", "train.seed=2",
                          "train.lr=4e-3", "train.eval_every=0", "train.save_every=0")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_base, tmp_path_factory) -> dict[str, Path]:
+    """Two run folders on the tiny base with different random adapters (tests/runfolders.py), per
+    test module: the engine, API and batching tests serve them."""
+    from runfolders import make_run
+
+    root = tmp_path_factory.mktemp("runs")
+    return {"run-a": make_run(tiny_base, root / "a", "run-a", seed=1),
+            "run-b": make_run(tiny_base, root / "b", "run-b", seed=2)}
+
+
+@pytest.fixture(scope="module")
+def engine(runs):
+    """The in-process HF engine over `runs` (run-a, run-b and the bare base), closed afterwards."""
+    from chatbuild.engines.hf import HFEngine
+
+    engine = HFEngine.from_runs([runs["run-a"], runs["run-b"]])
+    yield engine
+    engine.close()

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from runfolders import make_run
 
 from chatbuild.engines import GenerationParams, RemoteError, UnknownModel
 from serve.settings import Settings
@@ -28,22 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # ── fixtures: runs, one engine, servers in threads ──────────────────────────────────────────
-@pytest.fixture(scope="module")
-def runs(tiny_base, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("api-runs")
-    return {"run-a": make_run(tiny_base, root / "a", "run-a", seed=1),
-            "run-b": make_run(tiny_base, root / "b", "run-b", seed=2)}
-
-
-@pytest.fixture(scope="module")
-def engine(runs):
-    from chatbuild.engines.hf import HFEngine
-
-    engine = HFEngine.from_runs([runs["run-a"], runs["run-b"]])
-    yield engine
-    engine.close()
-
-
 @pytest.fixture(scope="module")
 def solo(engine) -> dict[str, str]:
     """Each model's greedy reply to HELLO straight from the engine, alone."""
@@ -379,14 +362,15 @@ def test_serve_without_anything_to_serve_is_a_usage_error():
     assert out.returncode == 2 and "nothing to serve" in out.stderr
 
 
-@pytest.mark.integration
-def test_chatbuild_serve_serves_a_run(runs):
+@contextmanager
+def serve_process(*args: str, env: dict[str, str]):
+    """`chatbuild serve ARGS --no-ui` as a child process on a free port, healthy; yields its base URL
+    and stops it with SIGINT afterwards (it must exit 0)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "CHATBUILD_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "chatbuild.cli", "serve", str(runs["run-a"]), "--port", str(port),
-                             "--no-ui", "--log-level", "warning"], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "chatbuild.cli", "serve", *args, "--port", str(port),
+                             "--no-ui", "--log-level", "warning"], cwd=REPO, env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         def healthy():
@@ -397,11 +381,17 @@ def test_chatbuild_serve_serves_a_run(runs):
                 return False
 
         wait_until(healthy, "the server answers", timeout=180)
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
-        assert [m["id"] for m in models.json()["data"]][0] == "run-a"
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+
+
+@pytest.mark.integration
+def test_chatbuild_serve_serves_a_run(runs):
+    with serve_process(str(runs["run-a"]), env={"CHATBUILD_API_KEY": KEY}) as url:
+        models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert [m["id"] for m in models.json()["data"]][0] == "run-a"
 
 
 @pytest.mark.integration
@@ -411,24 +401,6 @@ def test_serve_base_tiny_serves_the_embedded_base(tiny_base, tmp_path):
     import shutil
 
     shutil.copytree(tiny_base, tmp_path / "tiny-base")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "CHATBUILD_HOME": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "chatbuild.cli", "serve", "--base", "tiny", "--port", str(port),
-                             "--no-ui", "--log-level", "warning"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        def healthy():
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(healthy, "the server answers", timeout=180)
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+    with serve_process("--base", "tiny", env={"CHATBUILD_HOME": str(tmp_path)}) as url:
+        models = httpx.get(f"{url}/v1/models").json()
         assert [m["id"] for m in models["data"]] == ["tiny-base"]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0

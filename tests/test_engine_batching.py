@@ -4,10 +4,8 @@ leave (cancelled) without disturbing the others; guided choices and seeded sampl
 Plus the left-padded cache bookkeeping on plain tensors."""
 
 import threading
-from pathlib import Path
 
 import pytest
-from runfolders import make_run
 
 from chatbuild.engines import GenerationParams
 
@@ -19,22 +17,6 @@ PROMPTS = [
 ]
 GREEDY = GenerationParams(temperature=0, max_new_tokens=16)
 SEEDED = GenerationParams(temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=12, seed=11, repetition_penalty=1.2)
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_base, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("batching-runs")
-    return {"run-a": make_run(tiny_base, root / "a", "run-a", seed=1),
-            "run-b": make_run(tiny_base, root / "b", "run-b", seed=2)}
-
-
-@pytest.fixture(scope="module")
-def engine(runs):
-    from chatbuild.engines.hf import HFEngine
-
-    engine = HFEngine.from_runs([runs["run-a"], runs["run-b"]])
-    yield engine
-    engine.close()
 
 
 def reply(engine, model, messages, params=GREEDY, cancel=None) -> str:

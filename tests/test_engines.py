@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import yaml
@@ -17,22 +16,6 @@ from chatbuild.errors import UserError
 
 HELLO = [{"role": "user", "content": "What should I cook tonight?"}]
 GREEDY = GenerationParams(temperature=0, max_new_tokens=8)
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_base, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("engine-runs")
-    return {"run-a": make_run(tiny_base, root / "a", "run-a", seed=1),
-            "run-b": make_run(tiny_base, root / "b", "run-b", seed=2)}
-
-
-@pytest.fixture(scope="module")
-def engine(runs):
-    from chatbuild.engines.hf import HFEngine
-
-    engine = HFEngine.from_runs([runs["run-a"], runs["run-b"]])
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")
