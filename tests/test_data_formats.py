@@ -161,3 +161,18 @@ def test_report_summary_and_lines(tmp_path):
                                 "without an assistant reply; 1 invalid records skipped")
     text = "\n".join(report.lines())
     assert "format: chat (detected" in text and "invalid records skipped: 1" in text
+
+
+def test_bundled_persona_samples_load_by_name():
+    """`sample:persona` / `sample:persona-val` name the bundled persona set: every top-ranked reply
+    begins "Ahoy!", and the validation trees share no prompt with the training trees."""
+    from chatbuild.data import load_conversations
+
+    train, _ = load_conversations("sample:persona")
+    val, _ = load_conversations("sample:persona-val")
+    assert len(train) >= 100 and len(val) >= 10
+    for conv in train + val:
+        replies = [m["content"] for m in conv["messages"] if m["role"] == "assistant"]
+        assert replies and all(r.startswith("Ahoy!") for r in replies)
+    first = {c["messages"][0]["content"] for c in train}
+    assert not first & {c["messages"][0]["content"] for c in val}

@@ -7,7 +7,10 @@ each knowing its location for error messages. Nothing here knows what a record m
 - `*.parquet` (read with pyarrow, which `datasets` brings along);
 - a folder, or a hub id like `OpenAssistant/oasst1`: `datasets.load_dataset`, split "train" unless the
   source ends in `:SPLIT` (`OpenAssistant/oasst1:validation`);
-- `sample`: the OASST1-format sample bundled with chatbuild (unless a file of that name exists).
+- `sample`: the OASST1-format sample bundled with chatbuild (unless a file of that name exists);
+  `sample:persona` and `sample:persona-val`: the bundled "Captain Byte" persona set (OASST1 flat table,
+  written for chatbuild: every top-ranked reply begins "Ahoy!"), what the demo fine-tunes SmolLM2 on,
+  and its held-out validation trees.
 """
 
 import gzip
@@ -19,7 +22,14 @@ from pathlib import Path
 
 from chatbuild.errors import UserError, where
 
-SAMPLE = Path(__file__).resolve().parent / "sample" / "oasst1_sample.jsonl"
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+SAMPLE = SAMPLE_DIR / "oasst1_sample.jsonl"
+SAMPLES = {  # bundled data sets by source name
+    "sample": SAMPLE,
+    "sample:persona": SAMPLE_DIR / "persona_oasst.jsonl",
+    "sample:persona-val": SAMPLE_DIR / "persona_oasst_val.jsonl",
+}
+PERSONA_PROMPTS = SAMPLE_DIR / "persona_prompts.jsonl"  # held-out prompts for checking the persona
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")
 
@@ -41,9 +51,10 @@ class Record:
 
 
 def resolve(source: str) -> str:
-    """The path or hub id a source name stands for (`sample` -> the bundled sample)."""
-    if source == "sample" and not Path(source).exists():
-        return str(SAMPLE)
+    """The path or hub id a source name stands for (`sample` -> the bundled sample, and so on for
+    the other names in SAMPLES)."""
+    if source in SAMPLES and not Path(source).exists():
+        return str(SAMPLES[source])
     return str(source)
 
 
