@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -40,7 +40,24 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chatbuild.engines import ChatEngine, Chunk, GenerationParams, PromptTooLong, RemoteError, UnknownModel
+from chatbuild.engines import (
+    CHOICE_MAX_CHARS,
+    CHOICES_MAX,
+    REPETITION_PENALTY_MAX,
+    REPETITION_PENALTY_MIN,
+    SEED_MAX,
+    STOP_MAX_CHARS,
+    TEMPERATURE_MAX,
+    TOP_K_MAX,
+    BadParams,
+    ChatEngine,
+    Chunk,
+    GenerationParams,
+    PromptTooLong,
+    RemoteError,
+    UnknownModel,
+    check_params,
+)
 from chatbuild.errors import UserError
 from serve.settings import Settings
 
@@ -69,20 +86,23 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """The fields of OpenAI's chat completion request this server honours (plus vLLM's top_k and
-    repetition_penalty). Omitted sampling fields take `GenerationParams`' defaults."""
+    repetition_penalty). Omitted sampling fields take `GenerationParams`' defaults. Every number is
+    bounded (the engines' bounds, `chatbuild.engines`; docs/serve.md has the table); NaN and
+    infinities, which Python's JSON parser accepts, are refused."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=TEMPERATURE_MAX)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=0, le=TOP_K_MAX)
+    repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    guided_choice: list[str] | None = Field(None, min_length=1, max_length=64)  # vLLM's extension
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    stop: str | list[str] | None = None  # how many and how long: check_limits
+    guided_choice: list[Annotated[str, Field(max_length=CHOICE_MAX_CHARS)]] | None = Field(
+        None, min_length=1, max_length=CHOICES_MAX)  # vLLM's extension
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
@@ -258,14 +278,17 @@ def add_api(app: FastAPI, state: ServeState) -> None:
         messages, params = check_limits(req, settings)
         count = getattr(engine, "count_tokens", None)  # engines that tokenize locally: check before queueing
         if count is not None:
-            try:
-                n = await run_in_threadpool(count, messages, req.model)
+            limit = settings.max_prompt_tokens
+            try:  # a prompt with more characters than `limit` tokens can spell is refused untokenized
+                n, size = await run_in_threadpool(count, messages, req.model, limit), None
+            except PromptTooLong as e:
+                n, size = e.tokens, e.chars and f"{e.chars:,} characters (at least {e.tokens} tokens)"
             except UserError as e:
                 raise engine_error(e) from None
-            if n > settings.max_prompt_tokens:
-                raise APIError(400, f"the prompt is {n} tokens long; this server accepts at most "
-                               f"{settings.max_prompt_tokens} prompt tokens (max_prompt_tokens)",
-                               param="messages", code="context_length_exceeded")
+            if n > limit:
+                size = size or f"{n} tokens"
+                raise APIError(400, f"the prompt is {size} long; this server accepts at most {limit} prompt "
+                               "tokens (max_prompt_tokens)", param="messages", code="context_length_exceeded")
         return await answer(request, engine, req, messages, params, state)
 
 
@@ -329,8 +352,9 @@ def check_limits(req: ChatCompletionRequest, settings: Settings) -> tuple[list[d
         raise APIError(400, f"{param} is {max_tokens}; this server generates at most {settings.max_new_tokens} "
                        "tokens (max_new_tokens)", param=param)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > settings.max_stop or not all(stop):
-        raise APIError(400, f"stop: up to {settings.max_stop} non-empty strings", param="stop")
+    if len(stop) > settings.max_stop or not all(0 < len(s) <= STOP_MAX_CHARS for s in stop):
+        raise APIError(400, f"stop: up to {settings.max_stop} non-empty strings of at most {STOP_MAX_CHARS} "
+                       f"characters (max_stop), got {len(stop)} of up to {max(map(len, stop), default=0):,}", param="stop")
     defaults = GenerationParams()
     params = GenerationParams(
         temperature=defaults.temperature if req.temperature is None else req.temperature,
@@ -339,7 +363,14 @@ def check_limits(req: ChatCompletionRequest, settings: Settings) -> tuple[list[d
         max_new_tokens=max_tokens or min(settings.default_max_tokens, settings.max_new_tokens),
         repetition_penalty=defaults.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
         seed=req.seed, stop=stop, choices=req.guided_choice)
+    try:  # the schema holds the same bounds; this keeps the two from drifting apart unnoticed
+        check_params(params)
+    except BadParams as e:
+        raise APIError(400, str(e), param=API_FIELDS.get(e.field, e.field)) from None
     return [m.as_engine_message() for m in req.messages], params
+
+
+API_FIELDS = {"max_new_tokens": "max_tokens", "choices": "guided_choice"}  # GenerationParams' names -> the API's
 
 
 def model_card(name: str, created: int) -> dict:

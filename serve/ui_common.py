@@ -18,7 +18,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from chatbuild.engines import ChatEngine, GenerationParams
+from chatbuild.engines import ChatEngine, GenerationParams, PromptTooLong, check_params
 from chatbuild.errors import UserError
 from serve.api import Admission, Busy, ServeState, generate
 
@@ -182,13 +182,26 @@ def sampling_controls(ctx: UIContext, prefix: str, full: bool = True) -> list[gr
 
 def params_from(ctx: UIContext, temperature, top_p, max_new_tokens, top_k=0, repetition_penalty=1.0,
                 seed=None) -> GenerationParams:
-    """GenerationParams from the controls' values, within the serving limits."""
-    return GenerationParams(
-        temperature=float(temperature), top_p=float(top_p), top_k=int(top_k or 0),
-        max_new_tokens=max(1, min(int(max_new_tokens), ctx.max_new_tokens)),
-        repetition_penalty=float(repetition_penalty or 1.0),
-        seed=None if seed is None or seed == "" or int(seed) < 0 else int(seed),
+    """GenerationParams from the controls' values, within the serving limits. The values come from
+    the browser or any gradio_client caller, so anything goes: a value that is not a number, or one
+    outside the engines' bounds, is a one-line UserError naming the control's field."""
+
+    def number(name, value, kind):
+        try:
+            return kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"{name} must be a number, got {str(value)[:40]!r}") from None
+
+    seed = None if seed is None or seed == "" else number("seed", seed, int)
+    params = GenerationParams(
+        temperature=number("temperature", temperature, float), top_p=number("top_p", top_p, float),
+        top_k=number("top_k", top_k or 0, int),
+        max_new_tokens=max(1, min(number("max_new_tokens", max_new_tokens, int), ctx.max_new_tokens)),
+        repetition_penalty=number("repetition_penalty", repetition_penalty or 1.0, float),
+        seed=None if seed is None or seed < 0 else seed,  # the Seed box's -1 = random
     )
+    check_params(params)
+    return params
 
 
 # ── streaming ──────────────────────────────────────────────────────────────────────────────────
@@ -228,11 +241,14 @@ async def check_prompt_tokens(ctx: UIContext, engine: ChatEngine, messages: list
     count = getattr(engine, "count_tokens", None)
     if count is None:
         return
-    n = await asyncio.to_thread(count, messages, model)  # tokenizing is CPU work: off the event loop
     limit = ctx.state.settings.max_prompt_tokens
+    try:  # tokenizing is CPU work: off the event loop; a hopeless conversation is refused untokenized
+        n, size = await asyncio.to_thread(count, messages, model, limit), None
+    except PromptTooLong as e:
+        n, size = e.tokens, e.chars and f"{e.chars:,} characters (at least {e.tokens:,} tokens)"
     if n > limit:
-        raise UserError(f"This conversation is {n:,} tokens long for {model}; this server accepts at most "
-                        f"{limit:,} prompt tokens (max_prompt_tokens). Shorten it or clear the chat.")
+        raise UserError(f"This conversation is {size or f'{n:,} tokens'} long for {model}; this server accepts "
+                        f"at most {limit:,} prompt tokens (max_prompt_tokens). Shorten it or clear the chat.")
 
 
 def _admission(state: ServeState) -> Admission:

@@ -26,6 +26,7 @@ Contract of `stream(messages, params, model, cancel)`:
 Engines never see the UI; the UI never tokenizes.
 """
 
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -91,9 +92,20 @@ class UnknownModel(UserError):
 class PromptTooLong(UserError):
     """The prompt has more tokens than the engine (or its model's context window) accepts."""
 
-    def __init__(self, tokens: int, limit: int, model: str):
-        self.tokens, self.limit, self.model = tokens, limit, model
-        super().__init__(f"the prompt is {tokens} tokens long; {model} accepts at most {limit} prompt tokens")
+    def __init__(self, tokens: int, limit: int, model: str, chars: int | None = None):
+        """With `chars`, the prompt was refused on its characters alone, untokenized, and `tokens` is
+        the fewest tokens that many characters can make."""
+        self.tokens, self.limit, self.model, self.chars = tokens, limit, model, chars
+        size = f"{tokens} tokens" if chars is None else f"{chars:,} characters (at least {tokens} tokens)"
+        super().__init__(f"the prompt is {size} long; {model} accepts at most {limit} prompt tokens")
+
+
+class BadParams(UserError):
+    """A sampling setting outside its bounds; `field` names it (a `GenerationParams` field)."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
 
 
 class RemoteError(UserError):
@@ -105,21 +117,57 @@ class RemoteError(UserError):
         super().__init__(message)
 
 
+# ── bounds of a request's sampling settings (docs/serve.md has the table) ──────────────────────
+# Each keeps the sampler's arithmetic finite: logits divided by a temperature or a penalty stay far from
+# float32's range, and a seed fits torch's generator. A request outside them is refused (UserError).
+TEMPERATURE_MAX = 2.0
+# 0 < temperature < GREEDY_BELOW decodes greedily: such temperatures put (nearly) all probability on
+# the top token anyway, and dividing logits by 1e-45 overflows. Clients send tiny values to mean greedy.
+GREEDY_BELOW = 1e-2
+REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.5, 2.0  # 1 = off; the CTRL paper uses 1.2
+SEED_MAX = 2**63 - 1  # seeds are 0 .. 2**63-1 (torch.Generator.manual_seed takes 64 bits)
+TOP_K_MAX = 1_000_000  # above any vocabulary: top_k over the vocabulary size means every token
+STOP_MAX, STOP_MAX_CHARS = 16, 256  # stop strings per request (the server allows fewer), characters each
+CHOICES_MAX, CHOICE_MAX_CHARS = 64, 256  # guided choices per request, characters each
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _strings(values, most: int, chars: int) -> bool:
+    return len(values) <= most and all(isinstance(v, str) and 0 < len(v) <= chars for v in values)
+
+
 def check_params(params: GenerationParams) -> None:
-    """Raise UserError naming the first out-of-range sampling setting."""
+    """Raise BadParams (a UserError) naming the first sampling setting outside its bounds (the
+    constants above)."""
+    p = params
     problems = [
-        ("temperature", params.temperature >= 0, "must be >= 0"),
-        ("top_p", 0 < params.top_p <= 1, "must be in (0, 1]"),
-        ("top_k", params.top_k >= 0, "must be >= 0"),
-        ("max_new_tokens", params.max_new_tokens >= 1, "must be >= 1"),
-        ("repetition_penalty", params.repetition_penalty > 0, "must be > 0"),
-        ("stop", all(isinstance(s, str) and s for s in params.stop), "must be non-empty strings"),
-        ("choices", params.choices is None or (0 < len(params.choices) <= 64 and all(isinstance(c, str) and c for c in params.choices)),
-         "must be 1 to 64 non-empty strings"),
+        ("temperature", _finite(p.temperature) and 0 <= p.temperature <= TEMPERATURE_MAX,
+         f"must be 0 (greedy) to {TEMPERATURE_MAX}"),
+        ("top_p", _finite(p.top_p) and 0 < p.top_p <= 1, "must be in (0, 1]"),
+        ("top_k", isinstance(p.top_k, int) and 0 <= p.top_k <= TOP_K_MAX, f"must be 0 (off) to {TOP_K_MAX:,}"),
+        ("max_new_tokens", isinstance(p.max_new_tokens, int) and p.max_new_tokens >= 1, "must be >= 1"),
+        ("repetition_penalty", _finite(p.repetition_penalty)
+         and REPETITION_PENALTY_MIN <= p.repetition_penalty <= REPETITION_PENALTY_MAX,
+         f"must be {REPETITION_PENALTY_MIN} to {REPETITION_PENALTY_MAX} (1 = off)"),
+        ("seed", p.seed is None or (isinstance(p.seed, int) and 0 <= p.seed <= SEED_MAX),
+         "must be 0 to 2**63-1 (or none)"),
+        ("stop", _strings(p.stop, STOP_MAX, STOP_MAX_CHARS),
+         f"must be at most {STOP_MAX} non-empty strings of at most {STOP_MAX_CHARS} characters"),
+        ("choices", p.choices is None or (len(p.choices) > 0 and _strings(p.choices, CHOICES_MAX, CHOICE_MAX_CHARS)),
+         f"must be 1 to {CHOICES_MAX} non-empty strings of at most {CHOICE_MAX_CHARS} characters"),
     ]
     for name, ok, rule in problems:
         if not ok:
-            raise UserError(f"{name} {rule}, got {getattr(params, name)!r}")
+            raise BadParams(name, f"{name} {rule}, got {_short(getattr(params, name))}")
+
+
+def _short(value) -> str:
+    """A value for a one-line message: long strings and lists are cut."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
 
 
 def open_engine(runs: Sequence[str | Path] = (), *, base: str | None = None, base_name: str | None = None,

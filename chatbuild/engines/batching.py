@@ -22,6 +22,15 @@ ones agree unless two tokens' probabilities differ in the last bits). Rows join 
 side on the left, and leave by indexing the batch dimension; leading columns that only padding uses
 are trimmed then.
 
+Failures: whatever fails for one row (its prefill, its sampler: a picker that raises, probabilities
+that are not finite) ends that row alone with the exception; it leaves the batch at the next step
+like a finished row, and the other rows go on with their cache. Only a failed batched forward pass
+fails every row in it: the layers it had already run have appended the step's keys and values to
+the shared cache and the rest have not, so no row's cache can be trusted. The rows could be retried:
+each keeps its prompt and reply so far (`seen`) and its picker, so prefilling `seen` alone would
+rebuild its cache and single out a row that cannot run. Not done yet, since no request we know of
+makes a valid batch's forward pass fail (an out-of-memory aside, which such a retry would help).
+
 The scheduler knows tokens, not text: its events are (token, finish) pairs, and the reading thread
 turns tokens into text and checks stop strings (which keeps the tokenizer work off the decode thread);
 a reader that has seen enough sets `request.abandoned` and the row leaves at the next step.
@@ -185,7 +194,7 @@ class Scheduler:
                     self._drop_finished()
                     if self._rows:
                         self._decode()
-            except Exception as e:  # a failed batched step fails every row in it; the thread lives on
+            except Exception as e:  # a failed batched forward pass fails every row in it; the thread lives on
                 self._fail(e, self._rows)
                 self._rows, self._kv = [], KVBatch()
 
@@ -203,7 +212,7 @@ class Scheduler:
             request.seen, request.length = ids, len(request.prompt)
             self._sample(request, out.logits[:, -1, :].float())
         except Exception as e:  # this prompt failed alone: the batch goes on
-            request.events.put(e)
+            self._fail(e, [request])
             return
         if not request.done:
             self._rows.append(request)
@@ -221,7 +230,10 @@ class Scheduler:
         for i, request in enumerate(rows):
             request.length += 1
             request.seen = torch.cat([request.seen, input_ids[i:i + 1]], dim=1)
-            self._sample(request, logits[i:i + 1])
+            try:
+                self._sample(request, logits[i:i + 1])
+            except Exception as e:  # this row's sampling failed: it ends alone and leaves at the next step
+                self._fail(e, [request])
 
     def _sample(self, request: Request, logits) -> None:
         """Pick the row's next token and tell its reader."""

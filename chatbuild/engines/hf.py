@@ -31,6 +31,7 @@ from pathlib import Path
 
 from chatbuild.engines import (
     BASE_ADAPTER,
+    GREEDY_BELOW,
     Chunk,
     GenerationParams,
     PromptTooLong,
@@ -52,6 +53,14 @@ class ServedModel:
     tokenizer: object
     chat_format: ChatFormat
     run_path: Path | None = None
+    token_chars: int = 0  # characters of the vocabulary's longest token (0: count them on creation)
+
+    def __post_init__(self):
+        # A prompt of n tokens has at most n * token_chars characters of text: the cheap bound that
+        # refuses a hopeless prompt before tokenizing it (token strings spell spaces and bytes with
+        # at least as many characters as they stand for, so this never refuses a prompt that fits).
+        if not self.token_chars:
+            self.token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
 
 
 @dataclass
@@ -109,7 +118,6 @@ class HFEngine:
         self.recent: deque[GenerationRecord] = deque(maxlen=256)
         self._models = {base_name: ServedModel(base_name, BASE_ADAPTER, tokenizer, chat_format or ChatFormat())}
         self._lock = threading.Lock()  # forward passes and adapter loading, one at a time
-        self._tokenize_lock = threading.Lock()  # fast tokenizers are not safe to call concurrently
         self._count_lock = threading.Lock()
         self._active = 0
         self._adapters_loaded = 0
@@ -206,9 +214,11 @@ class HFEngine:
         return served
 
     # ── requests ────────────────────────────────────────────────────────────────────────────
-    def count_tokens(self, messages: list[dict], model: str) -> int:
-        """Prompt tokens `messages` make for `model` (UserError if the conversation is malformed)."""
-        return len(self._prompt(self._served(model), messages))
+    def count_tokens(self, messages: list[dict], model: str, limit: int | None = None) -> int:
+        """Prompt tokens `messages` make for `model` (UserError if the conversation is malformed).
+        With `limit`, a conversation with more characters than `limit` tokens can spell is refused
+        with PromptTooLong without being tokenized (a count over `limit` is the caller's to refuse)."""
+        return len(self._prompt(self._served(model), messages, limit))
 
     def prompt_limit(self) -> int | None:
         """The most prompt tokens a request may have: the context window less one token to reply
@@ -216,9 +226,19 @@ class HFEngine:
         limits = [n for n in (self.context_window and self.context_window - 1, self.max_prompt_tokens) if n]
         return min(limits) if limits else None
 
-    def _prompt(self, served: ServedModel, messages: list[dict]) -> list[int]:
-        with self._tokenize_lock:
-            return prompt_ids(served.chat_format, served.tokenizer, messages)
+    def _prompt(self, served: ServedModel, messages: list[dict], limit: int | None = None) -> list[int]:
+        """The prompt's ids; a prompt whose characters alone prove it over `limit` tokens is refused
+        first, so the tokenizer never sees more than `limit * token_chars` characters of content.
+
+        No lock: the tokenizer is only called without truncation or padding, so transformers never
+        reconfigures the Rust tokenizer (`set_truncation_and_padding` changes nothing then) and
+        concurrent calls are safe; they run in parallel (the Rust side releases the GIL), so a short
+        prompt is not queued behind long ones."""
+        if limit is not None:
+            chars = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+            if chars > limit * served.token_chars:
+                raise PromptTooLong(-(-chars // served.token_chars), limit, served.name, chars=chars)
+        return prompt_ids(served.chat_format, served.tokenizer, messages)
 
     def stream(self, messages: list[dict], params: GenerationParams, model: str,
                cancel: threading.Event | None = None) -> Iterator[Chunk]:
@@ -226,8 +246,8 @@ class HFEngine:
         when the returned iterator is first read, and leaves it when done, cancelled or closed."""
         served = self._served(model)
         check_params(params)
-        ids = self._prompt(served, messages)
         limit = self.prompt_limit()
+        ids = self._prompt(served, messages, limit)
         if limit is not None and len(ids) > limit:
             raise PromptTooLong(len(ids), limit, model)
         return self._generate(served, ids, params, cancel)
@@ -324,12 +344,18 @@ class ReplyText:
     byte arrives), a trailing incomplete character (byte-level BPEs), text that could be the start of
     a stop string, and trailing whitespace. Leading whitespace of the reply (the space after
     "### Assistant:") and the whitespace before a stop string are dropped. The pieces add up to the
-    decoded reply. `push` returns (new text, whether a stop string ended the reply)."""
+    decoded reply. `push` returns (new text, whether a stop string ended the reply).
+
+    The stop checks look only at the end of the text: released text never ends with the start of a
+    stop string, so a stop string can only begin in the last `longest stop` characters before the
+    unreleased tail. Their cost per token is the new text plus the stop strings' length, whatever the
+    reply's length (issue 17: rebuilding every prefix of 240 KB stop strings made each token cost ~3 s)."""
 
     BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self._longest = max(map(len, self.stop), default=0)
         self.ids: list[int] = []
         self.sent = ""
         self._byte_run_start: int | None = None  # where the trailing run of byte tokens begins
@@ -351,13 +377,26 @@ class ReplyText:
         else:
             self._byte_run_start = None
         text = self._text()
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        start = max(0, len(self.sent) - self._longest)
+        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             return self._release(text[:min(hits)].rstrip()), True
         stable = text if self._byte_run_start is None else self._text(self._byte_run_start)
         safe = stable.rstrip("\ufffd")
-        held = max((k for s in self.stop for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
-        return self._release(safe[:len(safe) - held].rstrip()), False
+        return self._release(safe[:len(safe) - self._held(safe)].rstrip()), False
+
+    def _held(self, text: str) -> int:
+        """Length of the longest end of `text` that is the start of a stop string (not all of it)."""
+        held = 0
+        for s in self.stop:
+            # Candidates are the places in the last len(s) - 1 characters where s's first character is.
+            j = text.find(s[0], max(0, len(text) - len(s) + 1))
+            while j != -1 and len(text) - j > held:
+                if s.startswith(text[j:]):
+                    held = len(text) - j
+                    break
+                j = text.find(s[0], j + 1)
+        return held
 
     def flush(self) -> str:
         """The rest of the reply, once no more tokens come."""
@@ -379,8 +418,20 @@ def _token_picker(params: GenerationParams, device):
     processors = LogitsProcessorList()
     if params.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-    if params.temperature == 0:
-        return lambda seen, logits: int(processors(seen, logits).argmax(dim=-1))
+
+    def not_finite() -> RuntimeError:
+        # Bounded settings keep the arithmetic finite; NaN here means the model's logits were NaN.
+        return RuntimeError(f"the next-token probabilities are not finite (temperature {params.temperature}, "
+                            f"repetition_penalty {params.repetition_penalty}): this reply cannot go on")
+
+    if params.temperature < GREEDY_BELOW:  # 0, or a temperature so small it is greedy anyway
+        def greedy(seen, logits):
+            scores = processors(seen, logits)
+            if torch.isnan(scores).any():
+                raise not_finite()
+            return int(scores.argmax(dim=-1))
+
+        return greedy
     processors.append(TemperatureLogitsWarper(params.temperature))
     if params.top_k > 0:
         processors.append(TopKLogitsWarper(params.top_k))
@@ -395,6 +446,8 @@ def _token_picker(params: GenerationParams, device):
 
     def pick(seen, logits):
         probs = torch.softmax(processors(seen, logits), dim=-1)
+        if not torch.isfinite(probs).all():  # multinomial would fail with a cryptic message
+            raise not_finite()
         return int(torch.multinomial(probs, 1, generator=generator))
 
     return pick

@@ -40,8 +40,8 @@ class FailingEngine:
     def models(self):
         return self.engine.models()
 
-    def count_tokens(self, messages, model):
-        return self.engine.count_tokens(messages, model)
+    def count_tokens(self, messages, model, limit=None):
+        return self.engine.count_tokens(messages, model, limit)
 
     def stream(self, messages, params, model, cancel=None):
         prompt = messages[-1]["content"]
