@@ -10,6 +10,9 @@ The UI (serve/ui.py, the UI issue) is mounted at "/" by `mount_ui(app, state)`: 
 app's `ServeState` (engine, settings, the admission queue of the API). Gradio starts its
 queue in the app's startup, so the UI is mounted when the app is created, which needs the engine
 then. Without Gradio, or with `ui=False`, "/" is a short page pointing at the API.
+
+In front of the UI's routes, `UIBodyLimit` refuses bodies over `max_ui_body_bytes` (uploads: over
+the upload limit) with 413 before they are read, and FileData naming server files with 400.
 """
 
 import importlib.util

@@ -3,12 +3,15 @@
 An upload reaches an event as a FileData naming a path on the server, and a client can name any
 path (issue 17: `{"path": "/any/file.json", "meta": {"_type": "gradio.FileData"}}`). Before the
 handler runs, Gradio copies the named file into its cache, refusing paths outside its upload folder
-only in Blocks it believes launched. Three checks, each enough alone for the path:
+only in Blocks it believes launched. So the path is checked twice before that copy, each check
+enough alone:
 
 1. serve/ui.py marks the mounted Blocks launched, so Gradio's own check runs;
 2. serve/app.py's `UIBodyLimit` refuses a request whose JSON holds a FileData naming a file outside
    the upload folder (`foreign_files`), before Gradio sees it;
-3. handlers take an upload only through `uploaded_file` (inside the upload folder, under a size limit).
+
+and handlers take an upload only through `uploaded_file` (inside the upload folder, under the size
+limit of what they do with it), which deletes what it refuses for its size.
 """
 
 from pathlib import Path
@@ -74,7 +77,8 @@ def uploaded_file(path: str | Path, max_bytes: int, limit_name: str) -> Path:
     size = real.stat().st_size
     if size > max_bytes:
         discard(real)
-        raise UserError(f"{name}: {size / 1e6:.1f} MB is over the limit of {max_bytes / 1e6:.1f} MB ({limit_name})")
+        raise UserError(f"{name}: {size / 1e6:.1f} MB is over the upload limit of {max_bytes / 1e6:.1f} MB "
+                        f"({limit_name})")
     return real
 
 

@@ -248,7 +248,7 @@ def test_oversize_uploads_are_refused_and_leave_nothing_on_disk(site, tmp_path):
     small_chat = tmp_path / "small.json"
     small_chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"}]}))
     with gradio_client(site.url) as client:
-        with pytest.raises(Exception, match=r"big\.json: 5\.0 MB is over the limit of 4\.0 MB \(max_ui_body_bytes\)"):
+        with pytest.raises(Exception, match=r"big\.json: 5\.0 MB is over the upload limit of 4\.0 MB \(max_ui_body_bytes\)"):
             client.predict(handle_file(str(big_chat)), api_name="/import_chat")
         restored, _, _ = client.predict(handle_file(str(small_chat)), api_name="/import_chat")
     assert [text_of(m) for m in restored] == ["hello"]
