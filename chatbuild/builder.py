@@ -18,6 +18,7 @@ The job table lives in the server's SQLite database, next to the arena's tables.
 """
 
 import math
+import os
 import re
 import shutil
 import sys
@@ -33,6 +34,7 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "presets"
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".parquet")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"`()\[\],:]+/)+([^\s/'\"`()\[\],:]+)")  # /a/b/c → c
 DEFAULT_MAX_UPLOAD = 200 * 1024 * 1024
 
 # The fields of the Build form, by configuration key (`chatbuild.config`), with their labels.
@@ -127,27 +129,42 @@ class Builder:
 
     def save_upload(self, path: str | Path, name: str | None = None) -> str:
         """Copy an uploaded file into the data folder under a safe name (never outside it, never
-        over another file); returns the name. The file is only ever parsed, never run."""
+        over another file, even one saved at the same moment); returns the name. The file is only
+        ever parsed, never run. Errors name the file, never the server's folders."""
         src = Path(path)
         name = Path(name or src.name).name  # the last part only: "../../x.jsonl" → "x.jsonl"
         if not name.endswith(DATA_SUFFIXES):
             raise UserError(f'{name}: not a dataset file; upload {", ".join(DATA_SUFFIXES)}')
-        size = src.stat().st_size
-        if size > self.max_upload_bytes:
-            raise UserError(f"{name}: {size / 1e6:.1f} MB is over the upload limit of "
-                            f"{self.max_upload_bytes / 1e6:.0f} MB")
         suffix = next(s for s in sorted(DATA_SUFFIXES, key=len, reverse=True) if name.endswith(s))
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name[: -len(suffix)]).strip("._") or "upload"
-        dest = self.data_dir / f"{stem}{suffix}"
-        n = 1
-        while dest.exists():
-            n += 1
-            dest = self.data_dir / f"{stem}-{n}{suffix}"
-        shutil.copyfile(src, dest)
+        dest, n = self.data_dir / f"{stem}{suffix}", 1
+        try:
+            with open(src, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > self.max_upload_bytes:
+                    raise UserError(f"{name}: {size / 1e6:.1f} MB is over the upload limit of "
+                                    f"{self.max_upload_bytes / 1e6:.0f} MB")
+                while True:
+                    try:
+                        out = open(dest, "xb")  # exclusive: a name taken meanwhile is never overwritten
+                        break
+                    except FileExistsError:
+                        n += 1
+                        dest = self.data_dir / f"{stem}-{n}{suffix}"
+                try:
+                    with out:
+                        shutil.copyfileobj(f, out, 1 << 20)
+                except OSError:
+                    dest.unlink(missing_ok=True)  # no half-copied dataset in the picker
+                    raise
+        except OSError as e:  # its strerror only: the full message names the server's folders
+            raise UserError(f"{name}: cannot copy it into the data folder ({e.strerror})") from None
         return dest.name
 
     def data_source(self, choice: DataChoice) -> str:
-        """The `data.train` value for a choice; UserError says what is wrong with it."""
+        """The `data.train` value for a choice; UserError says what is wrong with it. A hub id becomes
+        `hub:OWNER/NAME`, which the data readers take from the hub only (`chatbuild.data.sources`):
+        the id is the client's text, and a local path of that shape is never read."""
         if choice.kind == "sample":
             return "sample"
         if choice.kind == "file":
@@ -160,29 +177,37 @@ class Builder:
                 raise UserError(f'"{choice.value}": no such file in the data folder')
             return str(path)
         if choice.kind == "hub":
-            value = choice.value.strip()
-            if not HUB_ID_RE.fullmatch(value):
-                raise UserError(f'"{value}": a hub dataset id looks like owner/name (optionally owner/name:split)')
-            return value
+            from chatbuild.data.sources import HUB_PREFIX, hub_id
+
+            return HUB_PREFIX + hub_id(choice.value.strip())
         raise UserError(f'data source "{choice.kind}" is not one of sample, file, hub')
 
     def preview(self, choice: DataChoice) -> tuple[str, list[int]]:
         """What the data pipeline makes of a choice: (report as Markdown, conversation lengths in
-        words). Bad records are skipped and counted here, so the report shows them."""
-        from chatbuild.data import InvalidRecord, load_conversations
+        words). Bad records are skipped and counted here, so the report shows them. The report and
+        its errors name files by name: never the server's folders."""
+        from chatbuild.data import load_conversations
         from chatbuild.data.stats import conversation_lengths, describe
 
         source = self.data_source(choice)
         try:
             convs, report = load_conversations(source, format=choice.format, mode=choice.mode,
                                                lang=choice.lang or None, skip_invalid=True)
-        except InvalidRecord as e:
-            raise UserError(str(e)) from None
+        except UserError as e:
+            raise UserError(self._without_folders(str(e))) from None
         lengths, unit = conversation_lengths(convs)
-        shown = "sample (bundled)" if source == "sample" else Path(source).name if choice.kind == "file" else source
+        shown = {"sample": "sample (bundled)", "file": Path(source).name}.get(choice.kind, choice.value.strip())
         lines = [f"source: {shown}"] + [line for line in report.lines() if not line.startswith("source:")]
         lines += describe(convs, lengths, unit)
-        return "```\n" + "\n".join(lines) + "\n```", lengths
+        return "```\n" + self._without_folders("\n".join(lines)) + "\n```", lengths
+
+    def _without_folders(self, text: str) -> str:
+        """`text` with the data folder and the bundled sample named by file name, and any other
+        absolute path (a cache folder in a library's message) cut to its last part."""
+        from chatbuild.data import SAMPLE
+
+        text = text.replace(str(SAMPLE), "sample").replace(f"{self.data_dir}{os.sep}", "")
+        return _ABSOLUTE_PATH.sub(r"\1", text)
 
     # ── settings ──
     def check(self, preset: str, values: dict, name: str, data: DataChoice) -> dict[str, str]:

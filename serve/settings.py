@@ -29,3 +29,6 @@ class Settings:
     self_url: str | None = None  # this server's /v1 address as seen from this machine (eval jobs call it)
     judge_url: str | None = None  # the Build tab's judge for "evaluate against" (OpenAI-compatible /v1)
     judge_model: str | None = None
+    # The web UI's routes (everything outside /v1): a larger body is refused with 413 before it is read
+    # (serve/app.py). A chat history travels in every request, so this is also the largest chat import.
+    max_ui_body_bytes: int = 4_000_000

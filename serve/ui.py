@@ -34,6 +34,7 @@ from serve.ui_arena import build_arena_tab, intro
 from serve.ui_chat import build_chat_tab
 from serve.ui_common import UIContext
 from serve.ui_leaderboard import build_leaderboard_tab
+from serve.uploads import max_file_size
 
 CSS = """
 #chat-stats, #arena-status { min-height: 1.6em; }
@@ -82,9 +83,17 @@ def mount_ui(app: FastAPI, state: ServeState) -> FastAPI:
     # fallback glyphs in headless Chromium) and there is nothing to download.
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "Consolas", "monospace"])
-    return gr.mount_gradio_app(app, build_ui(ctx, builder), path="/", footer_links=["api"], css=CSS, theme=theme,
-                               show_error=True, auth=state.settings.ui_auth or None,
-                               auth_message="chatbuild: log in to use the chat and the arena.")
+    blocks = build_ui(ctx, builder)
+    gr.mount_gradio_app(app, blocks, path="/", footer_links=["api"], css=CSS, theme=theme, show_error=True,
+                        auth=state.settings.ui_auth or None,
+                        auth_message="chatbuild: log in to use the chat and the arena.",
+                        max_file_size=max_file_size(state.settings))
+    # Gradio checks that a file a client names (FileData) lies in its upload folder only in Blocks that
+    # have launched, and mount_gradio_app never says so: without this a client could name any server
+    # file as its "upload" (issue 17). Gradio's own reloader (`gradio.utils.BaseReloader.swap_blocks`)
+    # marks mounted Blocks the same way; the flag does nothing else.
+    blocks.has_launched = True
+    return app
 
 
 def start_builder(state: ServeState, db_path: Path):

@@ -30,6 +30,7 @@ from chatbuild.data import FORMATS, MODES
 from chatbuild.errors import UserError
 from chatbuild.jobs import FINISHED
 from serve.ui_common import UIContext
+from serve.uploads import discard, uploaded_file
 
 SOURCES = {"Bundled sample": "sample", "File in the data folder": "file", "Hub dataset id": "hub"}
 JOB_COLUMNS = ["Job", "Kind", "Name", "Status", "Progress", "Loss", "Note"]
@@ -129,11 +130,18 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
                 gr.update(visible=kind == "hub"))
 
     def uploaded(path):
+        """Copy an upload into the data folder. Only a file in Gradio's upload folder is taken (a
+        client can name any path); a refused one is deleted at once."""
         if not path:
             return gr.skip(), gr.skip()
         try:
-            saved = builder.save_upload(path)
-        except (UserError, OSError) as e:
+            upload = uploaded_file(path, builder.max_upload_bytes, "max_upload_bytes")
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        try:
+            saved = builder.save_upload(upload)
+        except UserError as e:
+            discard(upload)
             raise gr.Error(str(e)) from None
         return gr.update(choices=builder.data_files(), value=saved, visible=True), f"Saved as `{saved}` in the data folder."
 

@@ -31,6 +31,7 @@ from serve.ui_common import (
     stream_reply,
     with_system,
 )
+from serve.uploads import uploaded_file
 
 TAB = "chat"
 
@@ -116,8 +117,15 @@ def build_chat_tab(ctx: UIContext) -> gr.Dropdown:
         return str(path)
 
     def import_chat(path):
+        """The conversation in an uploaded file, into the chat (system prompt and model too). A file
+        that is not an upload, or is over `max_ui_body_bytes` (the body every later request would
+        carry), is refused as an error; one that is no conversation gets a warning."""
         if not path:
             return gr.skip(), gr.skip(), gr.skip()
+        try:
+            path = uploaded_file(path, ctx.state.settings.max_ui_body_bytes, "max_ui_body_bytes")
+        except UserError as e:
+            raise gr.Error(str(e)) from None
         try:
             messages, model_name = read_conversation(path)
         except UserError as e:
@@ -196,7 +204,9 @@ def read_conversation(path) -> tuple[list[dict], str | None]:
     name = Path(path).name
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:  # its strerror only: the full message names the server's folders
+        raise UserError(f"{name}: cannot read it ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{name}: not a JSON conversation ({e})") from None
     messages = data.get("messages") if isinstance(data, dict) else data
     if not isinstance(messages, list):

@@ -7,6 +7,9 @@ each knowing its location for error messages. Nothing here knows what a record m
 - `*.parquet` (read with pyarrow, which `datasets` brings along);
 - a folder, or a hub id like `OpenAssistant/oasst1`: `datasets.load_dataset`, split "train" unless the
   source ends in `:SPLIT` (`OpenAssistant/oasst1:validation`);
+- `hub:OWNER/NAME[:SPLIT]`: a hub id and nothing else. A bare owner/name is read from disk when a
+  file or folder of that name exists (and so does `datasets.load_dataset`); a `hub:` source is
+  refused then, so a hub id a client typed (the UI's Build tab) never reads a local file;
 - `sample`: the OASST1-format sample bundled with chatbuild (unless a file of that name exists);
   `sample:persona` and `sample:persona-val`: the bundled "Captain Byte" persona set (OASST1 flat table,
   written for chatbuild: every top-ranked reply begins "Ahoy!"), what the demo fine-tunes SmolLM2 on,
@@ -32,6 +35,7 @@ SAMPLES = {  # bundled data sets by source name
 PERSONA_PROMPTS = SAMPLE_DIR / "persona_prompts.jsonl"  # held-out prompts for checking the persona
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")
+HUB_PREFIX = "hub:"
 
 
 @dataclass
@@ -58,8 +62,23 @@ def resolve(source: str) -> str:
     return str(source)
 
 
+def hub_id(value: str) -> str:
+    """`value` (owner/name, optionally :split) checked to name a dataset on the hub and never a local
+    path: UserError when it is not shaped so (a part starting with "." — `..` among them — or an
+    absolute path), or when a file or folder of that name exists here, which `datasets.load_dataset`
+    would read instead of the hub."""
+    name = value.partition(":")[0]
+    if not _HUB_ID.match(value) or any(part.startswith(".") for part in name.split("/")):
+        raise UserError(f'"{value}": a hub dataset id looks like owner/name (optionally owner/name:split)')
+    if Path(name).exists() or Path(value).exists():
+        raise UserError(f'"{value}": a hub dataset id names a dataset on the hub, never a local file or folder')
+    return value
+
+
 def read_records(source: str) -> Iterator[Record]:
     """Every record of `source`, in order (see the module docstring for what a source can be)."""
+    if source.startswith(HUB_PREFIX):
+        return _read_dataset(hub_id(source[len(HUB_PREFIX):]), hub=True)
     source = resolve(source)
     path = Path(source)
     if path.is_file():
@@ -120,8 +139,8 @@ def _read_parquet(path: Path) -> Iterator[Record]:
         raise UserError(f"{path}: not a readable parquet file ({e})") from None
 
 
-def _read_dataset(source: str) -> Iterator[Record]:
-    name, _, split = source.partition(":") if not Path(source).exists() else (source, "", "")
+def _read_dataset(source: str, hub: bool = False) -> Iterator[Record]:
+    name, _, split = source.partition(":") if hub or not Path(source).exists() else (source, "", "")
     split = split or "train"
     try:
         import datasets
