@@ -29,3 +29,9 @@ class Settings:
     self_url: str | None = None  # this server's /v1 address as seen from this machine (eval jobs call it)
     judge_url: str | None = None  # the Build tab's judge for "evaluate against" (OpenAI-compatible /v1)
     judge_model: str | None = None
+    # Who may build, and how much (chatbuild.builder): with UI logins, only the logins listed here
+    # ("*": every login; None: none). Without UI logins the tab is open (loopback only, see serve/cli.py).
+    builder_users: list[str] | None = None
+    builder_max_queued: int = 8  # Build jobs queued or running at once; one more is refused
+    builder_max_queued_per_user: int = 2  # ... of them per login
+    builder_max_steps: int = 100_000  # the largest train.steps the Build form accepts
