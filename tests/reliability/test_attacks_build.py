@@ -97,6 +97,21 @@ def settled(builder, job_id):
     return builder.jobs.get(job_id)
 
 
+def page_load(url, login) -> list:
+    """What the Build tab's page-load event returns to `login`, asked as the browser asks it (raw HTTP
+    with the login's session cookie): [notice, upload, preview, start, cancel, resume, evaluate]."""
+    import httpx
+
+    with httpx.Client(timeout=30) as http:
+        assert http.post(url + "login", data={"username": login[0], "password": login[1]}).status_code == 200
+        config = http.get(url + "config").json()
+        elem_ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+        dep = next(d for d in config["dependencies"] if any(elem_ids.get(o) == "build-access" for o in d["outputs"]))
+        r = http.post(url + "gradio_api/run/predict", json={"fn_index": dep["id"], "data": [], "session_hash": "pl"})
+        r.raise_for_status()
+        return r.json()["data"]
+
+
 def refused(call, *args, api_name: str, error=(AppError, ValidationError)) -> str:
     with pytest.raises(error) as e:
         call(*args, api_name=api_name)
@@ -199,6 +214,11 @@ def test_a_login_without_the_build_permission_is_refused_everywhere(tmp_path):
         ]
         preview = carol.predict("Bundled sample", None, "", "auto", "top1", "", api_name="/build_preview")
         assert builder.jobs.get(job_id).status == "running"
+        # the page: Carol sees why, with the buttons off; Alice sees them on
+        notice, *buttons = page_load(url, CAROL)
+        assert "carol may not build" in notice and all(b.get("interactive") is False for b in buttons)
+        notice, *buttons = page_load(url, ALICE)
+        assert notice == "" and not any("interactive" in b for b in buttons)
     for message in messages:
         assert "carol may not build on this server" in message, message
     assert preview.startswith("⚠️") and "carol may not build" in preview
