@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--builder-dir", help="the Build tab's folder: uploads, runs, evaluations, job logs "
                                          "(default: builder/ beside the --db file)")
     p.add_argument("--builder-users", default=os.environ.get("CHATBUILD_BUILDER_USERS"), metavar="USER[,USER]",
-                   help="the --ui-auth logins that may build (start, cancel, resume, evaluate, upload); '*' for "
+                   help="the --ui-auth logins that may build (upload, preview, start, cancel, resume, evaluate); '*' for "
                         "all of them (default: env CHATBUILD_BUILDER_USERS; needed with --builder and --ui-auth)")
     p.add_argument("--builder-max-queued", type=int, default=d.builder_max_queued,
                    help=f"Build jobs queued or running at once (default {d.builder_max_queued})")
