@@ -15,15 +15,21 @@ Everything the Builder writes lives in one folder (`Builder.root`):
     logs/    one log per job
 
 The job table lives in the server's SQLite database, next to the arena's tables.
+
+Who may build: `builders`, a set of logins (`chatbuild serve --builder-users`); None opens the
+Build tab to everyone who reaches the UI (a server without logins, on loopback: the demo). A login
+may cancel and resume only its own jobs. Every numeric field has bounds (BOUNDS), and the queue has
+a size (`max_active` jobs queued or running, `max_active_per_login` of them per login).
 """
 
+import json
 import math
 import os
 import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +57,44 @@ FIELDS = {
     "train.lr": "Learning rate",
     "data.max_length": "Max length (tokens)",
 }
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A closed interval [low, high]; `low_open` / `high_open` leave out that end."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def refuse(self, value) -> str | None:
+        """None when `value` lies inside, else what to tell the user."""
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        if above and below:
+            return None
+        return (f"must be in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
+                f"{')' if self.high_open else ']'}, got {_number(value)}")
+
+
+# What the Build form accepts, by field: wide enough for every preset (guanaco-65b: r=64, 1875 steps,
+# batch 16, max length 512) and the QLoRA paper's sweeps, narrow enough that no request can ask for a
+# job that cannot finish or cannot be allocated. A server raises the steps with `max_steps`.
+BOUNDS = {
+    "lora.r": Bound(1, 512),
+    "lora.alpha": Bound(1, 4096),
+    "lora.dropout": Bound(0, 1, high_open=True),
+    "train.steps": Bound(1, 100_000),
+    "train.batch_size": Bound(1, 1024),
+    "train.micro_batch_size": Bound(1, 1024),
+    "train.lr": Bound(0, 1, low_open=True),
+    "data.max_length": Bound(16, 32_768),
+}
+MAX_TEXT = 512  # characters of any one form value (a base's hub id or folder, a choice)
+# The hub's credentials: the one secret a fine-tune needs (gated bases and datasets); no job gets
+# the server's other keys (chatbuild.jobs.job_environment).
+HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 def presets() -> list[str]:
@@ -94,7 +138,12 @@ class Builder:
     def __init__(self, root: str | Path, db_path: str | Path, engine: Callable[[], object],
                  self_url: str | None = None, api_key: str | None = None, judge_url: str | None = None,
                  judge_model: str | None = None, judge_key: str | None = None,
-                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD, python: str = sys.executable):
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD, python: str = sys.executable,
+                 builders: Collection[str] | None = None, max_steps: int = BOUNDS["train.steps"].high,
+                 max_active: int = 8, max_active_per_login: int = 2):
+        """`builders`: the logins that may build (None: everyone, for a server without logins).
+        `max_steps`: the largest train.steps; `max_active` / `max_active_per_login`: jobs queued or
+        running at once, in all and per login."""
         self.root = Path(root).resolve()
         self.data_dir, self.runs_dir, self.evals_dir = self.root / "data", self.root / "runs", self.root / "evals"
         for d in (self.data_dir, self.runs_dir, self.evals_dir):
@@ -104,13 +153,21 @@ class Builder:
         self.self_url = self_url
         self.judge_url, self.judge_model = judge_url, judge_model
         self.max_upload_bytes = max_upload_bytes
-        # Keys reach the eval jobs through their environment only: never the database, configs or logs.
-        env = {}
+        self.builders = None if builders is None else frozenset(builders)
+        self.bounds = {**BOUNDS, "train.steps": Bound(1, max_steps)}
+        # Keys reach the jobs through their environment only (never the database, configs or logs),
+        # and each kind gets only its own: an eval the keys of this server and the judge, a fine-tune
+        # the hub's token.
+        evals = {}
         if api_key:
-            env["OPENAI_API_KEY"] = api_key  # the eval's answers come from this server
-        if judge_key or (api_key and not judge_url):
-            env["CHATBUILD_JUDGE_API_KEY"] = judge_key or api_key
-        self.jobs = JobManager(self.db_path, self.root / "logs", python=python, env=env, on_finish=self._after)
+            evals["OPENAI_API_KEY"] = api_key  # the eval's answers come from this server
+        judge = judge_key if judge_url else api_key  # without a judge of its own, the eval asks this server
+        if judge:
+            evals["CHATBUILD_JUDGE_API_KEY"] = judge
+        finetunes = {k: os.environ[k] for k in HUB_TOKENS if os.environ.get(k)}
+        self.jobs = JobManager(self.db_path, self.root / "logs", python=python,
+                               env={"eval": evals, "finetune": finetunes}, on_finish=self._after,
+                               max_active=max_active, max_active_per_owner=max_active_per_login)
 
     def start(self, interval: float = 1.0) -> None:
         """Serve the runs earlier jobs finished (a restarted server), then run the queue."""
@@ -121,6 +178,38 @@ class Builder:
 
     def stop(self) -> None:
         self.jobs.stop()
+
+    # ── who may build ──
+    def refusal(self, login: str | None) -> str | None:
+        """None when `login` (None: no login) may start, cancel, resume and evaluate; else why not."""
+        if self.builders is None:
+            return None
+        if login is None:
+            return "building needs a login on this server"
+        if login not in self.builders:
+            return f"{login} may not build on this server (ask its operator to add you to --builder-users)"
+        return None
+
+    def _allow(self, login: str | None) -> None:
+        refusal = self.refusal(login)
+        if refusal:
+            raise UserError(refusal)
+
+    def _own(self, job_id: int, login: str | None) -> Job:
+        """The job, if `login` may act on it: its own (anyone's on a server without logins)."""
+        self._allow(login)
+        job = self.jobs.get(job_id)
+        if self.builders is not None and job.owner != login:
+            raise UserError(f"job {job_id} is not yours; you can cancel and resume only your own jobs")
+        return job
+
+    def cancel(self, job_id: int, login: str | None = None) -> Job:
+        self._own(job_id, login)
+        return self.jobs.cancel(job_id)
+
+    def resume(self, job_id: int, login: str | None = None) -> Job:
+        self._own(job_id, login)
+        return self.jobs.resume(job_id)
 
     # ── data ──
     def data_files(self) -> list[str]:
@@ -211,7 +300,8 @@ class Builder:
 
     # ── settings ──
     def check(self, preset: str, values: dict, name: str, data: DataChoice) -> dict[str, str]:
-        """Errors by field ("name", "data" or a FIELDS key); {} when the job can start."""
+        """Errors by field ("name", "data" or a FIELDS key); {} when the job can start. Every value
+        is checked against its type, BOUNDS and the rules across fields before anything starts."""
         from chatbuild.config import load_config
 
         errors = {}
@@ -230,11 +320,27 @@ class Builder:
         except UserError as e:
             errors["preset"] = str(e)
             return errors
+        parsed = {}
         for key in FIELDS:  # each value on its own, so the message lands next to its field
+            text = _yaml(values.get(key))
+            if len(text) > MAX_TEXT:  # before parsing: a long value would be echoed in the error
+                errors[key] = f"{len(text)} characters; at most {MAX_TEXT}"
+                continue
             try:
-                load_config(preset_path(preset), [f"{key}={_yaml(values.get(key))}"])
+                cfg = load_config(preset_path(preset), [f"{key}={text}"])
             except UserError as e:
                 errors[key] = _without_source(str(e), key)
+                continue
+            section, field = key.split(".")
+            parsed[key] = getattr(getattr(cfg, section), field)
+            if key in self.bounds and (refusal := self.bounds[key].refuse(parsed[key])):
+                errors[key] = refusal
+        base = str(values.get("model.base") or "")
+        if parsed.get("model.base") and "data.max_length" in parsed and "data.max_length" not in errors:
+            window = _context_window(parsed["model.base"])
+            if window and parsed["data.max_length"] > window:
+                errors["data.max_length"] = (f"must be at most {window}, the context window of {parsed['model.base']}, "
+                                             f"got {parsed['data.max_length']}")
         if not errors:
             try:
                 load_config(preset_path(preset), self.overrides(values, data))
@@ -242,7 +348,6 @@ class Builder:
                 message = str(e)
                 key = next((k for k in FIELDS if message.startswith(k) or f"({k}" in message or f"{k} (" in message), None)
                 errors[key or "settings"] = _without_source(message, key)
-        base = str(values.get("model.base") or "")
         if "model.base" not in errors and (base.startswith(("/", ".")) or Path(base).exists()) \
                 and not (Path(base) / "config.json").is_file():
             errors["model.base"] = f"{base}: no model folder there (no config.json)"
@@ -280,7 +385,10 @@ class Builder:
                 f"{cfg.model.quant}){fit}. Weights {human(plan.weights_gb)}, activations {human(plan.activations_gb)}.")
 
     # ── jobs ──
-    def submit_finetune(self, preset: str, values: dict, name: str, data: DataChoice) -> Job:
+    def submit_finetune(self, preset: str, values: dict, name: str, data: DataChoice, login: str | None = None) -> Job:
+        """Queue a fine-tune for `login` after `check`; UserError says what is wrong (the permission,
+        a field, the queue's size)."""
+        self._allow(login)
         errors = self.check(preset, values, name, data)
         if errors:
             raise UserError("; ".join(f"{FIELDS.get(k, k)}: {v}" for k, v in errors.items()))
@@ -291,14 +399,16 @@ class Builder:
         # The tab's progress bar and loss curve read the metrics log: log often enough for ~20 updates.
         log_every = min(cfg.train.log_every, max(1, cfg.train.steps // 20))
         return self.jobs.submit(name, self.runs_dir / name, preset=str(preset_path(preset)),
-                                overrides=[*overrides, f"train.log_every={log_every}"])
+                                overrides=[*overrides, f"train.log_every={log_every}"], owner=login)
 
-    def submit_eval(self, model: str, against: str, questions: str = "demo", max_tokens: int = 128) -> Job:
+    def submit_eval(self, model: str, against: str, questions: str = "demo", max_tokens: int = 128,
+                    login: str | None = None) -> Job:
         """Evaluate `model` against `against` (both served by this server) on the demo or Vicuna
         questions, judged by the configured judge (else by `model` itself, restricted to the verdict
-        markers — a smoke test, not a verdict to trust; the tab says so)."""
+        markers — a smoke test, not a verdict to trust; the tab says so), as a job of `login`."""
         import yaml
 
+        self._allow(login)
         engine = self.engine()
         served = engine.models() if engine is not None else []
         for m in (model, against):
@@ -321,7 +431,11 @@ class Builder:
                "generation": {"max_tokens": int(max_tokens), "seed": 0, "concurrency": 2},
                "judge": {**judge, "concurrency": 2}, "ratings": {"method": "bt", "bootstrap": 100}}
         (out / "eval.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        return self.jobs.submit(name, out, overrides=[str(out / "eval.yaml")], kind="eval")
+        try:
+            return self.jobs.submit(name, out, overrides=[str(out / "eval.yaml")], kind="eval", owner=login)
+        except UserError:  # the queue is full: keep no folder of a job that does not exist
+            shutil.rmtree(out)
+            raise
 
     def judge_description(self) -> str:
         if self.judge_url and self.judge_model:
@@ -375,6 +489,33 @@ def _yaml(value) -> str:
     if isinstance(value, float) and value.is_integer() and not math.isinf(value):
         return str(int(value)) if abs(value) >= 1 else repr(value)
     return "" if value is None else str(value)
+
+
+def _number(value) -> str:
+    """1.0 → "1", 1e9 → "1000000000", 2e-4 → "0.0002": a number as the form shows it."""
+    if isinstance(value, float) and value.is_integer() and not math.isinf(value):
+        return str(int(value))
+    return str(value)
+
+
+def _context_window(base: str) -> int | None:
+    """The base's context window (max_position_embeddings) when its config is on this machine: a
+    model folder, the tiny base, the hub's cache. None when not known; never the network."""
+    from chatbuild.modeling import TINY_BASE, tiny_base_dir
+
+    config = (tiny_base_dir() if base == TINY_BASE else Path(base)) / "config.json"
+    if not config.is_file() and HUB_ID_RE.fullmatch(base):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(base, "config.json")
+        except ValueError:  # not a valid repo id after all (owner/name:split)
+            cached = None
+        config = Path(cached) if isinstance(cached, str) else config
+    try:
+        return int(json.loads(config.read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _without_source(message: str, key: str | None) -> str:

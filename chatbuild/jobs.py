@@ -15,10 +15,16 @@ output folder belongs to another unfinished job, or already holds a run, is refu
 Cancel sends SIGTERM: the recipe finishes its current step, saves a checkpoint and exits with 143.
 On start, the manager reconciles what it finds: a "running" job whose process is gone is marked
 failed (or done, if its run folder is complete), with its log kept.
+
+Bounds: at most `max_active` jobs queued or running at once, and `max_active_per_owner` of them
+per owner (the login that submitted it); a submission or resume past either is refused. A child's
+environment is the server's without anything secret-looking (`job_environment`), plus what its kind
+needs (`env`): the server's API keys and logins never reach a fine-tune.
 """
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -53,12 +59,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     started     REAL,
     finished    REAL,
     kind        TEXT NOT NULL DEFAULT 'finetune',
-    note        TEXT                    -- what happened after it finished (served as ..., not served: ...)
+    note        TEXT,                   -- what happened after it finished (served as ..., not served: ...)
+    owner       TEXT                    -- the login that submitted it; NULL on a server without logins
 );
 """
 # columns added after the first release of the table, for databases made before them
-LATER_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT 'finetune'", "note": "TEXT"}
+LATER_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT 'finetune'", "note": "TEXT", "owner": "TEXT"}
 KINDS = ("finetune", "eval")
+# Environment variables no job inherits from the server: API keys, UI logins, tokens, passwords (a
+# word of the name, so TOKENIZERS_PARALLELISM stays), and URLs with a password in them. What a job's
+# kind does need comes back through `JobManager(env=...)`.
+SECRET_NAME = re.compile(r"(^|_)(API_?KEY|KEYS?|TOKENS?|SECRETS?|PASSW(OR)?DS?|PASS|PASSPHRASE|AUTH|AUTHORIZATION|"
+                         r"CREDENTIALS?|COOKIES?|SESSION|PRIVATE)(_|$)", re.IGNORECASE)
+SECRET_VALUE = re.compile(r"://[^/@\s:]+:[^/@\s]+@")  # scheme://user:password@host
 
 
 @dataclass
@@ -80,6 +93,7 @@ class Job:
     finished: float | None
     kind: str = "finetune"
     note: str | None = None
+    owner: str | None = None
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -125,20 +139,30 @@ def _alive(pid: int | None) -> bool:
         return True
 
 
+def job_environment(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` without the variables that look secret (SECRET_NAME, SECRET_VALUE)."""
+    return {k: v for k, v in environ.items() if not SECRET_NAME.search(k) and not SECRET_VALUE.search(v)}
+
+
 class JobManager:
     """The job queue over one SQLite file. `tick()` advances it; `start()` runs tick in a thread."""
 
     def __init__(self, db_path: str | Path, logs_dir: str | Path, max_running_per_device: int = 1,
-                 python: str = sys.executable, env: dict[str, str] | None = None,
-                 on_finish: Callable[[Job], str | None] | None = None):
-        """`env`: extra environment for every child (secrets such as API keys go here, never into the
-        database or the command line). `on_finish(job)` runs in the scheduler after a job settles
-        (done, failed or cancelled); what it returns is stored as the job's note."""
+                 python: str = sys.executable, env: dict[str, dict[str, str]] | None = None,
+                 on_finish: Callable[[Job], str | None] | None = None, max_active: int | None = None,
+                 max_active_per_owner: int | None = None):
+        """`env`: extra environment by job kind ({"eval": {"OPENAI_API_KEY": ...}}); secrets such as
+        API keys go here, never into the database or the command line, and only to the kind that
+        needs them. `on_finish(job)` runs in the scheduler after a job settles (done, failed or
+        cancelled); what it returns is stored as the job's note. `max_active`: jobs queued or running
+        at once (None: no limit); `max_active_per_owner`: the same per owner (jobs without an owner
+        count only towards `max_active`)."""
         self.db_path, self.logs_dir = Path(db_path), Path(logs_dir)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.max_running = max_running_per_device
+        self.max_active, self.max_active_per_owner = max_active, max_active_per_owner
         self.python = python
-        self.env = dict(env or {})
+        self.env = {kind: dict(values) for kind, values in (env or {}).items()}
         self.on_finish = on_finish
         self._children: dict[int, subprocess.Popen] = {}
         self._lock = threading.Lock()
@@ -172,9 +196,11 @@ class JobManager:
 
     # ── changes ──
     def submit(self, name: str, run_dir: str | Path, preset: str | None = None, overrides: list[str] = (),
-               device: str = "default", overwrite: bool = False, kind: str = "finetune") -> Job:
-        """Queue a job. The settings must already be validated by the caller (the Builder shows
-        errors next to the fields); here only the output folder's ownership is checked.
+               device: str = "default", overwrite: bool = False, kind: str = "finetune",
+               owner: str | None = None) -> Job:
+        """Queue a job for `owner` (a login, or None). The settings must already be validated by the
+        caller (the Builder shows errors next to the fields); here only the queue's bounds and the
+        output folder's ownership are checked.
 
         finetune: `preset` and `overrides` are the recipe's arguments; `run_dir` its output folder.
         eval: `overrides` is [CONFIG.yaml]; `run_dir` the evaluation's output folder (its `out`)."""
@@ -182,6 +208,7 @@ class JobManager:
             raise UserError(f'job kind "{kind}" is not one of {", ".join(KINDS)}')
         run_dir = str(Path(run_dir).resolve())
         with self._lock, self._db() as db:
+            self._check_room(db, owner)
             busy = db.execute("SELECT id FROM jobs WHERE run_dir = ? AND status IN ('queued', 'running')", (run_dir,)).fetchone()
             if busy:
                 raise UserError(f"job {busy['id']} is already writing {run_dir}")
@@ -192,9 +219,9 @@ class JobManager:
             else:
                 args = list(overrides)
             cur = db.execute(
-                "INSERT INTO jobs (name, preset, overrides, run_dir, device, status, log_path, created, resume, kind) "
-                "VALUES (?, ?, ?, ?, ?, 'queued', '', ?, 0, ?)",
-                (name, preset, json.dumps(args), run_dir, device, time.time(), kind))
+                "INSERT INTO jobs (name, preset, overrides, run_dir, device, status, log_path, created, resume, kind, owner) "
+                "VALUES (?, ?, ?, ?, ?, 'queued', '', ?, 0, ?, ?)",
+                (name, preset, json.dumps(args), run_dir, device, time.time(), kind, owner))
             job_id = cur.lastrowid
             db.execute("UPDATE jobs SET log_path = ? WHERE id = ?", (str(self.logs_dir / f"job-{job_id}.log"), job_id))
         return self.get(job_id)
@@ -220,9 +247,25 @@ class JobManager:
             raise UserError(f"job {job_id} is {job.status}; only cancelled or failed jobs can be resumed")
         has_ckpt = any((Path(job.run_dir) / "checkpoints").glob("step-*/state.json"))
         with self._lock, self._db() as db:
+            self._check_room(db, job.owner)
             db.execute("UPDATE jobs SET status = 'queued', resume = ?, cancel = 0, error = NULL, finished = NULL, pid = NULL "
                        "WHERE id = ?", (int(has_ckpt), job_id))
         return self.get(job_id)
+
+    def _check_room(self, db, owner: str | None) -> None:
+        """Refuse one more queued job when the queue, or the owner's share of it, is full. Called
+        under the lock, so two submissions cannot both take the last place."""
+        active = "status IN ('queued', 'running')"
+        if self.max_active is not None:
+            n = db.execute(f"SELECT COUNT(*) FROM jobs WHERE {active}").fetchone()[0]
+            if n >= self.max_active:
+                raise UserError(f"the job queue is full ({n} jobs queued or running, this server's limit is "
+                                f"{self.max_active}); wait for one to finish, or cancel one of yours")
+        if self.max_active_per_owner is not None and owner is not None:
+            n = db.execute(f"SELECT COUNT(*) FROM jobs WHERE {active} AND owner = ?", (owner,)).fetchone()[0]
+            if n >= self.max_active_per_owner:
+                raise UserError(f"{owner} has {n} jobs queued or running, the limit per login is "
+                                f"{self.max_active_per_owner}; wait for one to finish, or cancel one")
 
     # ── the scheduler ──
     def reconcile(self) -> list[int]:
@@ -293,7 +336,8 @@ class JobManager:
                    "--no-progress", *(["--resume"] if job.resume else [])]
             if job.resume:
                 cmd = [c for c in cmd if c != "--overwrite"]
-        env = {**os.environ, **self.env, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        env = {**job_environment(dict(os.environ)), **self.env.get(job.kind, {}),
+               "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                "PYTHONUNBUFFERED": "1"}
         log = open(job.log_path, "a")
         log.write(f"$ {' '.join(cmd)}\n")

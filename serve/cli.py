@@ -3,6 +3,7 @@
     chatbuild serve runs/tiny-a runs/tiny-b                # one 4-bit base + both adapters + the bare base
     chatbuild serve --base huggyllama/llama-7b             # a base alone
     chatbuild serve --base tiny --builder                  # the embedded tiny base (CPU), and the Build tab
+    chatbuild serve runs/a --builder --host 0.0.0.0 --ui-auth alice:pw1,bob:pw2 --builder-users alice
     chatbuild serve runs/a --host 0.0.0.0 --port 8000 --api-key "$KEY"    # or env CHATBUILD_API_KEY
     chatbuild serve --engine openai --remote-url http://gpu-box:8000/v1 --remote-key "$KEY"
     chatbuild serve runs/a runs/b --engine vllm             # starts `vllm serve` (CUDA), stops it on exit
@@ -45,6 +46,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add the Build tab: fine-tune and evaluate from the browser (runs jobs on this machine)")
     p.add_argument("--builder-dir", help="the Build tab's folder: uploads, runs, evaluations, job logs "
                                          "(default: builder/ beside the --db file)")
+    p.add_argument("--builder-users", default=os.environ.get("CHATBUILD_BUILDER_USERS"), metavar="USER[,USER]",
+                   help="the --ui-auth logins that may build (upload, preview, start, cancel, resume, evaluate); '*' for "
+                        "all of them (default: env CHATBUILD_BUILDER_USERS; needed with --builder and --ui-auth)")
+    p.add_argument("--builder-max-queued", type=int, default=d.builder_max_queued,
+                   help=f"Build jobs queued or running at once (default {d.builder_max_queued})")
+    p.add_argument("--builder-max-queued-per-user", type=int, default=d.builder_max_queued_per_user,
+                   help=f"... of them per login (default {d.builder_max_queued_per_user})")
+    p.add_argument("--builder-max-steps", type=int, default=d.builder_max_steps,
+                   help=f"the largest train.steps the Build tab accepts (default {d.builder_max_steps})")
     p.add_argument("--judge-url", help="OpenAI-compatible /v1 URL of the judge for the Build tab's evaluations "
                                        "(key: env CHATBUILD_JUDGE_API_KEY)")
     p.add_argument("--judge-model", help="the judge's model name at --judge-url")
@@ -76,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("nothing to serve: give one or more run folders, or --base")
         for r in args.runs:
             load_run(r)  # a missing or broken run folder fails here, with its path
-    for name in ("max_new_tokens", "max_prompt_tokens", "max_running"):
+    for name in ("max_new_tokens", "max_prompt_tokens", "max_running", "builder_max_queued",
+                 "builder_max_queued_per_user", "builder_max_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.queue_size < 0:
@@ -85,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
                         max_prompt_tokens=args.max_prompt_tokens, max_running=args.max_running,
                         queue_size=args.queue_size, db_path=args.db, builder=args.builder,
                         builder_dir=args.builder_dir, judge_url=args.judge_url, judge_model=args.judge_model,
-                        self_url=f"http://{_loopback(args.host)}:{args.port}/v1", ui_auth=_ui_auth(args.ui_auth))
+                        self_url=f"http://{_loopback(args.host)}:{args.port}/v1", ui_auth=_ui_auth(args.ui_auth),
+                        builder_users=_builder_users(args.builder_users), builder_max_queued=args.builder_max_queued,
+                        builder_max_queued_per_user=args.builder_max_queued_per_user,
+                        builder_max_steps=args.builder_max_steps)
     if bool(args.judge_url) != bool(args.judge_model):
         raise UserError("--judge-url and --judge-model go together")
     if args.builder and args.no_ui:
@@ -94,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         # The Build tab runs fine-tunes on this machine: never open to whoever can reach the port.
         raise UserError(f"--builder on {args.host} needs a login (--ui-auth USER:PASS or CHATBUILD_UI_AUTH); "
                         "without one, listen on 127.0.0.1")
+    if args.builder:
+        _check_builder_users(settings)
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"chatbuild serve: warning: listening on {args.host} without an API key; anyone who can reach "
               "it can use it (--api-key or CHATBUILD_API_KEY)", file=sys.stderr)
@@ -138,6 +154,28 @@ def _ui_auth(value: str | None) -> list[tuple[str, str]] | None:
                             "(pairs are separated by commas)")
         pairs.append((user, password))
     return pairs
+
+
+def _builder_users(value: str | None) -> list[str] | None:
+    """--builder-users "alice, bob" → ["alice", "bob"]; "*" → ["*"]; None when unset."""
+    if not value:
+        return None
+    return [user.strip() for user in value.split(",") if user.strip()]
+
+
+def _check_builder_users(settings) -> None:
+    """Building is a permission of its own: with UI logins, the builders are named (or '*'), and
+    each is one of the logins."""
+    users, auth = settings.builder_users, settings.ui_auth
+    if auth and not users:
+        raise UserError("--builder with --ui-auth needs --builder-users USER[,USER] (or CHATBUILD_BUILDER_USERS): "
+                        "the logins that may fine-tune on this machine; '*' for all of them")
+    if users and not auth:
+        raise UserError("--builder-users names --ui-auth logins; give --ui-auth too (or drop --builder-users)")
+    logins = {user for user, _ in auth or []}
+    unknown = [u for u in users or [] if u != "*" and u not in logins]
+    if unknown:
+        raise UserError(f'--builder-users: "{unknown[0]}" is not one of the --ui-auth logins')
 
 
 def _loopback(host: str) -> str:

@@ -32,3 +32,9 @@ class Settings:
     # The web UI's routes (everything outside /v1): a larger body is refused with 413 before it is read
     # (serve/app.py). A chat history travels in every request, so this is also the largest chat import.
     max_ui_body_bytes: int = 4_000_000
+    # Who may build, and how much (chatbuild.builder): with UI logins, only the logins listed here
+    # ("*": every login; None: none). Without UI logins the tab is open (loopback only, see serve/cli.py).
+    builder_users: list[str] | None = None
+    builder_max_queued: int = 8  # Build jobs queued or running at once; one more is refused
+    builder_max_queued_per_user: int = 2  # ... of them per login
+    builder_max_steps: int = 100_000  # the largest train.steps the Build form accepts

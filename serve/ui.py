@@ -104,9 +104,19 @@ def start_builder(state: ServeState, db_path: Path):
 
     s = state.settings
     root = Path(s.builder_dir) if s.builder_dir else db_path.parent / "builder"
+    # Without UI logins (the loopback demo) everyone may build; with them, only `builder_users`, and
+    # nobody when that is unset: building is a permission of its own, never implied by a login.
+    if s.ui_auth is None and s.builder_users is None:
+        builders = None
+    elif "*" in (s.builder_users or []):
+        builders = [user for user, _ in s.ui_auth or []]
+    else:
+        builders = s.builder_users or []
     builder = Builder(root, db_path, engine=lambda: state.engine, self_url=s.self_url, api_key=s.api_key,
                       judge_url=s.judge_url, judge_model=s.judge_model,
-                      judge_key=os.environ.get("CHATBUILD_JUDGE_API_KEY"), max_upload_bytes=s.max_upload_bytes)
+                      judge_key=os.environ.get("CHATBUILD_JUDGE_API_KEY"), max_upload_bytes=s.max_upload_bytes,
+                      builders=builders, max_steps=s.builder_max_steps, max_active=s.builder_max_queued,
+                      max_active_per_login=s.builder_max_queued_per_user)
     builder.start()
     state.on_shutdown.append(builder.stop)
     state.builder = builder

@@ -11,6 +11,11 @@
     Evaluate     "evaluate against …": an eval job over this server's API on the demo or Vicuna
                  questions; its battles go to the Leaderboard tab
 
+Who: every action (upload, preview, start, cancel, resume, evaluate) asks the Builder whether the
+login of the request may build (`Builder.refusal`; `chatbuild serve --builder-users`), and cancel
+and resume act only on the login's own jobs. A login without the permission sees the tab with its
+buttons off and a line saying why; calling the endpoints anyway gets that line as the error.
+
 When a fine-tune finishes, the server hot-loads its adapter (`Builder._after`) and the Chat and
 Arena model pickers of every open page pick it up at their next refresh.
 
@@ -41,6 +46,7 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
     """Lay out the tab and wire its events. `pickers` are the model dropdowns of the other tabs,
     refreshed when the set of served models changes."""
     start_values = _defaults(ctx)
+    access = gr.Markdown(elem_id="build-access")
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
             gr.Markdown("### 1. Data")
@@ -129,9 +135,10 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
         return (gr.update(visible=kind == "file", choices=builder.data_files()), gr.update(visible=kind == "file"),
                 gr.update(visible=kind == "hub"))
 
-    def uploaded(path):
+    def uploaded(path, request: gr.Request):
         """Copy an upload into the data folder. Only a file in Gradio's upload folder is taken (a
         client can name any path); a refused one is deleted at once."""
+        _allowed(builder, request)
         if not path:
             return gr.skip(), gr.skip()
         try:
@@ -149,7 +156,9 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
         kind = SOURCES.get(source, source)  # API callers may give the kind itself
         return DataChoice(kind, data_file if kind == "file" else (hub_id or ""), fmt, mode, lang or "")
 
-    def preview_data(source, data_file, hub_id, fmt, mode, lang):
+    def preview_data(source, data_file, hub_id, fmt, mode, lang, request: gr.Request):
+        if refusal := builder.refusal(_login(request)):
+            return f"⚠️ {refusal}"
         try:
             text, _ = builder.preview(data_choice(source, data_file, hub_id, fmt, mode, lang))
         except UserError as e:
@@ -170,8 +179,11 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
 
     form = [name, source, data_file, hub_id, fmt, mode, lang, preset, *fields.values()]
 
-    def validate(name, source, data_file, hub_id, fmt, mode, lang, preset, *values):
+    # `request` comes before the fields' values: Gradio passes it only to a named positional parameter.
+    def validate(name, source, data_file, hub_id, fmt, mode, lang, preset, request: gr.Request, *values):
         """One verdict per input of the Start event, so each error shows on its own field."""
+        if refusal := builder.refusal(_login(request)):  # checked first: nothing about the folder is told
+            return [gr.validate(False, refusal)] + [None] * (len(form) - 1)
         errors = builder.check(preset, dict(zip(FIELDS, values)), name,
                                data_choice(source, data_file, hub_id, fmt, mode, lang))
         verdicts = [gr.validate("name" not in errors, errors.get("name", "")), None, None, None, None, None, None,
@@ -179,13 +191,14 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
                                 errors.get("preset") or errors.get("settings", ""))]
         if "data" in errors:  # on the widget of the chosen source
             verdicts[{"file": 2, "hub": 3}.get(SOURCES.get(source, source), 1)] = gr.validate(False, errors["data"])
-        verdicts += [gr.validate(k not in errors, errors.get(k, "")) for k in FIELDS]
+        # the label leads: API callers see these inputs as parameter_N
+        verdicts += [gr.validate(k not in errors, f"{FIELDS[k]}: {errors[k]}" if k in errors else "") for k in FIELDS]
         return verdicts
 
-    def start_job(name, source, data_file, hub_id, fmt, mode, lang, preset, *values):
+    def start_job(name, source, data_file, hub_id, fmt, mode, lang, preset, request: gr.Request, *values):
         try:
             job = builder.submit_finetune(preset, dict(zip(FIELDS, values)), name,
-                                          data_choice(source, data_file, hub_id, fmt, mode, lang))
+                                          data_choice(source, data_file, hub_id, fmt, mode, lang), _login(request))
         except UserError as e:
             raise gr.Error(str(e)) from None
         where = "starts now" if not _busy(builder, job.id) else "waits for the running job"
@@ -205,29 +218,37 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
             updates = [gr.skip() for _ in range(len(pickers) + 2)]
         return (*view, _jobs_rows(builder), current, *updates)
 
-    def cancel_job(job_id):
+    def cancel_job(job_id, request: gr.Request):
         try:
-            job = builder.jobs.cancel(_job_id(job_id))
+            job = builder.cancel(_job_id(job_id), _login(request))
         except UserError as e:
             raise gr.Error(str(e)) from None
         return f"Job {job.id}: " + ("cancelled." if job.status == "cancelled" else
                                     "stopping — it saves a checkpoint first, then stops.")
 
-    def resume_job(job_id):
+    def resume_job(job_id, request: gr.Request):
         try:
-            job = builder.jobs.resume(_job_id(job_id))
+            job = builder.resume(_job_id(job_id), _login(request))
         except UserError as e:
             raise gr.Error(str(e)) from None
         return f"Job {job.id} queued again; it continues " + ("from its last checkpoint." if job.resume else "from the start.")
 
-    def evaluate_models(model, against, questions, tokens):
+    def evaluate_models(model, against, questions, tokens, request: gr.Request):
         try:
-            job = builder.submit_eval(model, against, questions, int(tokens or 128))
+            job = builder.submit_eval(model, against, questions, int(tokens or 128), login=_login(request))
         except (UserError, ValueError) as e:
             raise gr.Error(str(e)) from None
         return (f"Evaluation job **{job.id}** queued: `{model}` vs `{against}` on the {questions} questions.",
                 gr.update(choices=_job_choices(builder), value=job.id))
 
+    def show_access(request: gr.Request):
+        """On page load: a login that may not build gets the reason and the action buttons off."""
+        refusal = builder.refusal(_login(request))
+        off = gr.update(interactive=False) if refusal else gr.skip()
+        return (f"⚠️ {refusal}." if refusal else "", *[off] * 6)
+
+    gr.on(None, show_access, None, [access, upload, preview, start, cancel, resume, evaluate],
+          api_visibility="private", queue=False)
     source.change(pick_source, source, [data_file, upload, hub_id], api_visibility="private", queue=False)
     upload.upload(uploaded, upload, [data_file, report], api_name="build_upload")
     preview.click(preview_data, [source, data_file, hub_id, fmt, mode, lang], report, api_name="build_preview",
@@ -261,6 +282,16 @@ def _free_name(builder: Builder, ctx: UIContext, taken: str | None = None) -> st
     while f"my-chatbot-{n}" in used:
         n += 1
     return f"my-chatbot-{n}"
+
+
+def _login(request: gr.Request | None) -> str | None:
+    """The request's UI login; None on a server without logins."""
+    return getattr(request, "username", None)
+
+
+def _allowed(builder: Builder, request: gr.Request | None) -> None:
+    if refusal := builder.refusal(_login(request)):
+        raise gr.Error(refusal)
 
 
 def _job_id(value) -> int:
