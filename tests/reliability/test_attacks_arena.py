@@ -23,6 +23,7 @@ from reliability_helpers import record, wait_until
 from test_ui_helpers import ScriptedEngine, gradio_client, serving, ui_app
 
 from chatbuild import storage
+from chatbuild.errors import UserError
 
 pytestmark = pytest.mark.reliability
 
@@ -132,6 +133,34 @@ def test_the_vote_limit_follows_the_login_across_sessions(tmp_path):
             assert "2 votes a minute" in third and "saved" not in third
             assert "saved" in anonymous_battle(bob)
     assert len(storage.list_battles(db)) == 3
+
+
+def test_a_database_from_before_the_limit_gets_its_voter_column(tmp_path):
+    """A database whose arena_votes table has no voter column (made before the limit existed) is
+    upgraded on first use; its old votes count against no one."""
+    import sqlite3
+
+    from chatbuild import arena
+
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE arena_votes (round TEXT NOT NULL, turn INTEGER NOT NULL, vote TEXT NOT NULL, "
+                     "tstamp REAL NOT NULL, PRIMARY KEY (round, turn))")
+        conn.execute("INSERT INTO arena_votes VALUES ('old', 1, 'a', ?)", (time.time(),))
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    for _ in range(2):
+        rid = arena.open_round(db, session="s1", model_a="x", model_b="y", anonymous=True)
+        arena.mark_answered(db, rid, 1)
+        arena.record_vote(db, rid, session="s1", turn=1, vote="a", conversation_a=conv, conversation_b=conv,
+                          generation=None, voter="login:alice", max_per_minute=2)
+    rid = arena.open_round(db, session="s1", model_a="x", model_b="y", anonymous=True)
+    arena.mark_answered(db, rid, 1)
+    with pytest.raises(UserError, match="at most 2 votes a minute"):
+        arena.record_vote(db, rid, session="s1", turn=1, vote="a", conversation_a=conv, conversation_b=conv,
+                          generation=None, voter="login:alice", max_per_minute=2)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT voter FROM arena_votes ORDER BY tstamp").fetchall() == [
+            (None,), ("login:alice",), ("login:alice",)]
 
 
 # ── the UI login ───────────────────────────────────────────────────────────────────────────────
