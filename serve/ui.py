@@ -30,6 +30,7 @@ from fastapi import FastAPI
 
 from chatbuild import storage
 from serve.api import ServeState
+from serve.login import login_guard
 from serve.ui_arena import build_arena_tab, intro
 from serve.ui_chat import build_chat_tab
 from serve.ui_common import UIContext
@@ -83,7 +84,7 @@ def mount_ui(app: FastAPI, state: ServeState) -> FastAPI:
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "Consolas", "monospace"])
     return gr.mount_gradio_app(app, build_ui(ctx, builder), path="/", footer_links=["api"], css=CSS, theme=theme,
-                               show_error=True, auth=state.settings.ui_auth or None,
+                               show_error=True, auth=login_guard(state.settings),
                                auth_message="chatbuild: log in to use the chat and the arena.")
 
 
