@@ -288,3 +288,26 @@ def test_a_malicious_optimizer_file_is_refused_on_resume(tiny_base, tmp_path):
                          text=True, timeout=600)
     assert not marker.exists() and got.returncode == 2 and "optimizer.pt" in got.stderr, got.stderr[-3000:]
     record("malicious optimizer.pt", refused=True, payload_ran=False, message=json.dumps(error[0])[:200])
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng.pt"])
+def test_every_checkpoint_state_file_is_loaded_without_running_code(tmp_path, name):
+    """The loader resume uses for each of the three files (`pipelines.finetune.load_state`), on a
+    payload in a real torch file and in a bare pickle."""
+    import torch
+
+    from pipelines.finetune import load_state
+
+    marker = tmp_path / "pwned"
+    torch.save({"state": {}, "param_groups": [Payload(str(marker))]}, tmp_path / name)
+    with pytest.raises(UserError, match=f"{name}: refused: .* it asks for exec") as refused:
+        load_state(tmp_path / name)
+    assert "\n" not in str(refused.value)
+    with open(tmp_path / name, "wb") as f:
+        pickle.dump(Payload(str(marker)), f)
+    with pytest.raises(UserError, match=f"{name}: refused"):
+        load_state(tmp_path / name)
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(UserError, match=f"{name}: cannot read this checkpoint file"):
+        load_state(tmp_path / name)
+    assert not marker.exists()
