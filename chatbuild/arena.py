@@ -6,13 +6,18 @@ table that arena votes and judge verdicts share:
     arena_rounds    one row per round a UI session started: its id (the only handle the session
                     holds), the session, both models in display order (A = left), the anonymity
                     flag, and the last turn whose two answers are complete
-    arena_votes     one row per vote; (round, turn) is the primary key, so a turn is voted at most once
+    arena_votes     one row per vote; (round, turn) is the primary key, so a turn is voted at most once;
+                    `voter` (the login, or the UI session without logins) for the vote rate limit
     chat_feedback   one row per like/dislike on a chat reply: the conversation up to that reply,
                     the model, the verdict
 
 A vote (`record_vote`) is accepted only when its round belongs to the voting session, the turn's two
-answers are complete, the turn has no vote yet and (anonymous rounds) the round had no vote at all.
-The checks, the `arena_votes` row and the battle are one transaction: a vote lands exactly once.
+answers are complete, the turn has no vote yet, (anonymous rounds) the round had no vote at all, and
+the voter cast fewer than `max_per_minute` votes in the last minute. The checks, the `arena_votes`
+row and the battle are one transaction: a vote lands exactly once, and a burst of votes sent at
+once cannot slip past the rate limit between a check and a write. The limit is counted in this
+table rather than in memory for that reason, and so that it holds across restarts and across
+servers sharing the database.
 
 Vote → battle winner, with model_a the model shown on the left (position A), as FastChat does:
 "a" → "model_a", "b" → "model_b", "tie" → "tie", "bothbad" → "tie (bothbad)". Battles carry
@@ -25,6 +30,8 @@ Also the `chatbuild arena` command: `export --out battles.jsonl` and `import FIL
 import argparse
 import contextlib
 import json
+import math
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -50,6 +57,7 @@ CREATE TABLE IF NOT EXISTS arena_votes (
     turn      INTEGER NOT NULL,
     vote      TEXT NOT NULL,                -- a | b | tie | bothbad
     tstamp    REAL NOT NULL,
+    voter     TEXT,                         -- "login:NAME", or "session:HASH" without logins
     PRIMARY KEY (round, turn)
 );
 CREATE TABLE IF NOT EXISTS chat_feedback (
@@ -70,9 +78,21 @@ def _transaction(db: str | Path):
     the write lock from its first read, so checks and writes see no other writer in between."""
     with storage.transaction(db) as conn:
         conn.executescript(SCHEMA)  # commits nothing of ours: no transaction is open yet
+        _add_voter_column(conn)
         conn.row_factory = _row_dict
         conn.execute("BEGIN IMMEDIATE")
         yield conn
+
+
+def _add_voter_column(conn) -> None:
+    """Databases made before votes had a voter get the column (and its index); old votes have none."""
+    if "voter" not in [col[1] for col in conn.execute("PRAGMA table_info(arena_votes)")]:
+        try:
+            conn.execute("ALTER TABLE arena_votes ADD COLUMN voter TEXT")
+        except sqlite3.OperationalError as e:  # another connection added it in between
+            if "duplicate column" not in str(e):
+                raise
+    conn.execute("CREATE INDEX IF NOT EXISTS arena_votes_by_voter ON arena_votes (voter, tstamp)")
 
 
 def _row_dict(cursor, row) -> dict:
@@ -102,11 +122,14 @@ def close_round(db: str | Path, round_id: str) -> None:
 
 
 def record_vote(db: str | Path, round_id: str, session: str, turn: int, vote: str, conversation_a: list[dict],
-                conversation_b: list[dict], generation: dict | None) -> dict:
+                conversation_b: list[dict], generation: dict | None, voter: str | None = None,
+                max_per_minute: int = 0) -> dict:
     """Store `vote` ("a", "b", "tie", "bothbad") on `turn` of a round as a battle, exactly once.
     Returns the battle record (it names both models). Raises UserError, storing nothing, when the
-    round is not this session's, is closed, the turn's answers are not complete, or the turn (an
-    anonymous round: any turn) already has a vote."""
+    round is not this session's, is closed, the turn's answers are not complete, the turn (an
+    anonymous round: any turn) already has a vote, or `voter` (default: the session) already cast
+    `max_per_minute` votes in the last 60 s (0: no limit)."""
+    voter = voter or f"session:{session}"
     if vote not in WINNER_OF_VOTE:
         raise UserError(f'unknown vote "{vote}"; expected one of {", ".join(WINNER_OF_VOTE)}')
     with _transaction(db) as conn:
@@ -121,6 +144,13 @@ def record_vote(db: str | Path, round_id: str, session: str, turn: int, vote: st
         if row["answered"] < turn:
             raise UserError("Wait until both answers are complete before voting.")
         now = time.time()
+        if max_per_minute > 0:
+            recent, oldest = conn.execute("SELECT COUNT(*) AS n, MIN(tstamp) AS t FROM arena_votes "
+                                          "WHERE voter = ? AND tstamp > ?", (voter, now - 60)).fetchone().values()
+            if recent >= max_per_minute:
+                wait = max(1, math.ceil(oldest + 60 - now))
+                raise UserError(f"Too many votes: at most {max_per_minute} votes a minute per person; "
+                                f"try again in {wait} s.")
         battle = {
             "question_id": f"arena-{round_id}-{turn}",
             "model_a": row["model_a"],
@@ -134,8 +164,8 @@ def record_vote(db: str | Path, round_id: str, session: str, turn: int, vote: st
             "conversation_b": conversation_b,
             "generation": generation,
         }
-        conn.execute("INSERT INTO arena_votes (round, turn, vote, tstamp) VALUES (?, ?, ?, ?)",
-                     (round_id, turn, vote, now))
+        conn.execute("INSERT INTO arena_votes (round, turn, vote, tstamp, voter) VALUES (?, ?, ?, ?, ?)",
+                     (round_id, turn, vote, now, voter))
         storage.add_battle(conn, battle, source="human")
     return battle
 

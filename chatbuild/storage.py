@@ -166,9 +166,12 @@ def add_battle(conn: sqlite3.Connection, record: dict, source: str | None = None
     return add_battles(conn, [record], source) == 1
 
 
-def list_battles(path: str | Path, source: str | Sequence[str] | None = None, anony: bool | None = None) -> list[dict]:
+def list_battles(path: str | Path, source: str | Sequence[str] | None = None, anony: bool | None = None,
+                 named: bool = True) -> list[dict]:
     """Stored battles as normalized records, oldest first; optionally only from `source`(s), or
-    only anonymous (anony=True) / named (anony=False) arena battles."""
+    only anonymous (anony=True) / named (anony=False) arena battles. `named=False` leaves out the
+    battles marked named (anony false: votes cast after the voter picked both models by name) and
+    keeps those without the mark (judge verdicts, most imports): what a leaderboard should rate."""
     where, args = [], []
     if source is not None:
         sources = [source] if isinstance(source, str) else list(source)
@@ -177,6 +180,8 @@ def list_battles(path: str | Path, source: str | Sequence[str] | None = None, an
     if anony is not None:
         where.append("anony = ?")
         args.append(int(anony))
+    if not named:
+        where.append("(anony IS NULL OR anony != 0)")
     sql = (f"SELECT source, {', '.join(COLUMNS)}, extra FROM battles"
            + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id")
     with contextlib.closing(connect(path)) as conn:

@@ -24,6 +24,7 @@ without DDP's bucketing machinery (nothing to gain for a few million parameters)
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -535,9 +536,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "adapter", safe_serialization=True)
+    # Tensors and plain Python values only, so that resuming can load them with weights_only=True.
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), pos, has_gauss, gauss),
+           "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save(rng, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
@@ -551,21 +555,60 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, device: str) -> int:
+    """Restore adapter, optimizer, scheduler and RNG states from checkpoints/step-N/; returns N.
+    Raises UserError, naming the file, when one cannot be read or holds what chatbuild never writes."""
     import numpy as np
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(model, load_file(path / "adapter" / ADAPTER_FILES[1], device=device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    with _restoring(path / "optimizer.pt"):
+        optimizer.load_state_dict(load_state(path / "optimizer.pt", device))
+    with _restoring(path / "scheduler.pt"):
+        scheduler.load_state_dict(load_state(path / "scheduler.pt"))
+    with _restoring(path / "rng.pt"):
+        rng = load_state(path / "rng.pt")
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((path / "state.json").read_text())["step"]
+
+
+def load_state(file: Path, device: str | None = None):
+    """A checkpoint's torch file, loaded with weights_only=True: tensors and plain Python values are
+    rebuilt, nothing else is, so a file that pickles an object (whose unpickling could run any code)
+    is refused instead of executed. UserError, naming the file, when it is refused or unreadable."""
+    import pickle
+    import re
+
+    import torch
+
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f", it asks for {found.group(1)}" if found else ""
+        raise UserError(f"{file}: refused: not only tensors and plain values as chatbuild writes them{what} "
+                        "(tampered with, corrupt, or from an older chatbuild), so it was not unpickled; remove "
+                        "this checkpoint folder to resume from an earlier one, or start again with --overwrite") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{file}: cannot read this checkpoint file ({first})") from None
+
+
+@contextlib.contextmanager
+def _restoring(file: Path):
+    """A state that loads but does not fit (another optimizer, a file edited by hand) fails in one line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        why = " ".join(str(e).split())
+        raise UserError(f"{file}: not a state this run can resume from ({type(e).__name__}: {why})") from None
 
 
 # ── metrics, plot, model card ───────────────────────────────────────────────────────────────────

@@ -1,4 +1,5 @@
-"""The web app `chatbuild serve` runs: the API under /v1, health at /healthz, the UI at /.
+"""The web app `chatbuild serve` runs: the API under /v1, health at /healthz, the UI at /, the API's
+docs at /docs, /redoc and /openapi.json (behind the API key when one is set, like /v1).
 
     app = create_app(engine, Settings(api_key="..."), ui=True)
     uvicorn.run(app)
@@ -15,17 +16,18 @@ In front of the UI's routes, `UIBodyLimit` refuses bodies over `max_ui_body_byte
 the upload limit) with 413 before they are read, and FileData naming server files with 400.
 """
 
+import hmac
 import importlib.util
 import json
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 import chatbuild
 from chatbuild.engines import ChatEngine
 from serve import uploads
-from serve.api import ServeState, add_api
+from serve.api import APIError, ServeState, add_api
 from serve.settings import Settings
 
 MULTIPART_MARGIN = 64 * 1024  # an upload's body: the file plus its multipart headers
@@ -42,10 +44,13 @@ def create_app(engine: ChatEngine | None, settings: Settings | None = None, ui: 
         yield
         state.cancel_all()
 
+    # The docs routes are our own (add_docs): FastAPI's would be open to anyone.
     app = FastAPI(title="chatbuild", version=chatbuild.__version__, lifespan=lifespan,
-                  description="OpenAI-compatible chat API over QLoRA runs: one 4-bit base, many adapters.")
+                  description="OpenAI-compatible chat API over QLoRA runs: one 4-bit base, many adapters.",
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
     add_api(app, state)
+    add_docs(app, settings)
     if engine is not None:
         state.attach(engine)
     if ui and engine is not None and ui_available():
@@ -59,6 +64,42 @@ def create_app(engine: ChatEngine | None, settings: Settings | None = None, ui: 
                               "The chat UI is not available (it needs gradio: pip install \"chatbuild[ui]\")."
                               if not ui_available() else "The chat UI appears once the models are loaded.")
     return app
+
+
+def add_docs(app: FastAPI, settings: Settings) -> None:
+    """/openapi.json, /docs (Swagger UI) and /redoc, behind the API key like /v1 when one is set (the
+    schema maps the API and its limits for whoever reads it), open when none is. They are not part
+    of the schema. A browser sends no key by itself, so with a key set, read the schema with e.g.
+    `curl -H "Authorization: Bearer $KEY" http://host:port/openapi.json`."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+    def check_key(request: Request) -> None:  # the same check and answers as /v1 (serve.api)
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def schema_url(request: Request) -> str:
+        return request.scope.get("root_path", "").rstrip("/") + "/openapi.json"
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        check_key(request)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger(request: Request):
+        check_key(request)
+        return get_swagger_ui_html(openapi_url=schema_url(request), title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request):
+        check_key(request)
+        return get_redoc_html(openapi_url=schema_url(request), title=f"{app.title} - ReDoc")
 
 
 def ui_available() -> bool:

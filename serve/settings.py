@@ -12,6 +12,11 @@ class Settings:
 
     api_key: str | None = None  # None: no authentication
     ui_auth: list[tuple[str, str]] | None = None  # (user, password) logins for the web UI; None: open
+    # Login throttle (serve/login.py): after login_max_failures wrong passwords for one user within
+    # login_window_s, every login as that user (the right password too) is refused for login_lockout_s.
+    login_max_failures: int = 5
+    login_window_s: float = 60.0
+    login_lockout_s: float = 30.0
     max_messages: int = 256  # messages in one request
     max_prompt_tokens: int = 4096  # tokens of the rendered prompt (engines that count tokens locally)
     max_new_tokens: int = 2048  # the largest max_tokens a request may ask for
@@ -21,6 +26,7 @@ class Settings:
     queue_size: int = 64  # requests waiting for a generation slot; one more gets 429
     max_stop: int = 4  # stop strings in one request (OpenAI's limit)
     db_path: str | None = None  # the UI's SQLite database (arena votes, ...); None: chatbuild.storage's default
+    max_votes_per_minute: int = 10  # arena votes one login (one session without logins) may cast a minute; 0: no limit
     # The Build tab (fine-tune and evaluate from the browser): off unless asked for, since it runs jobs
     # on this machine. Its folder holds uploads, runs, evaluations and job logs (chatbuild.builder).
     builder: bool = False

@@ -30,6 +30,7 @@ from fastapi import FastAPI
 
 from chatbuild import storage
 from serve.api import ServeState
+from serve.login import login_guard
 from serve.ui_arena import build_arena_tab, intro
 from serve.ui_chat import build_chat_tab
 from serve.ui_common import UIContext
@@ -85,7 +86,7 @@ def mount_ui(app: FastAPI, state: ServeState) -> FastAPI:
                               font_mono=["ui-monospace", "Consolas", "monospace"])
     blocks = build_ui(ctx, builder)
     gr.mount_gradio_app(app, blocks, path="/", footer_links=["api"], css=CSS, theme=theme, show_error=True,
-                        auth=state.settings.ui_auth or None,
+                        auth=login_guard(state.settings),
                         auth_message="chatbuild: log in to use the chat and the arena.",
                         max_file_size=max_file_size(state.settings))
     # Gradio checks that a file a client names (FileData) lies in its upload folder only in Blocks that

@@ -8,9 +8,11 @@ Two modes:
 A round is registered server-side (`chatbuild.arena.open_round`) when its first message is sent; the
 session's state holds its id and the models, and never reaches the browser (Gradio keeps `gr.State`
 on the server). A vote is accepted only for the session's own round, once both answers of the
-current turn are complete, and once per turn (`chatbuild.arena.record_vote` checks all three in the
-same transaction that writes the battle). Names are revealed only after that write. Answers cut
-short by Stop are not complete: Regenerate answers the turn again. Each side streams with its own
+current turn are complete, once per turn, and while its login (its session, without logins) has
+cast fewer than `Settings.max_votes_per_minute` votes in the last minute: `chatbuild.arena.record_vote`
+checks all of these in the same transaction that writes the battle, and names are revealed only
+after that write. Named-mode votes are stored marked `anony: false`, and the leaderboard leaves them
+out by default. Answers cut short by Stop are not complete: Regenerate answers the turn again. Each side streams with its own
 generation slot from the shared admission, so an arena turn takes two.
 
 API names: `/arena_send`, `/arena_regenerate`, `/arena_stop`, `/arena_new_round`, and
@@ -140,7 +142,9 @@ def build_arena_tab(ctx: UIContext) -> tuple[gr.Dropdown, gr.Dropdown, gr.Markdo
                     raise UserError("Nothing to vote on yet: send a message first.")
                 battle = arena.record_vote(ctx.db_path, st["round"], session=session_of(request), turn=st["turn"],
                                            vote=choice, conversation_a=st["conv"][0],
-                                           conversation_b=st["conv"][1], generation=st["params"])
+                                           conversation_b=st["conv"][1], generation=st["params"],
+                                           voter=voter_of(request),
+                                           max_per_minute=ctx.state.settings.max_votes_per_minute)
             except UserError as e:
                 gr.Warning(str(e))
                 return _frame(st, gr.skip(), f"⚠️ {e}")
@@ -179,6 +183,14 @@ def intro(models: list[str]) -> str:
         return "⚠️ The arena needs at least two models; this server has " + (", ".join(models) or "none") + "."
     return (f"Two of the {len(models)} models served here answer your message side by side, names hidden. "
             "Vote for the better answer to see who they are.")
+
+
+def voter_of(request: gr.Request | None) -> str:
+    """Who a vote counts against for the rate limit: the login when the UI has logins, else the
+    browser session. Without logins a script can open new sessions at will, so there the limit
+    only slows down one page; logins (`--ui-auth`) make it a limit per person."""
+    username = getattr(request, "username", None)
+    return f"login:{username}" if username else f"session:{session_of(request)}"
 
 
 def _switch_mode(ctx: UIContext):

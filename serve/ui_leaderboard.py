@@ -1,9 +1,12 @@
-"""The Leaderboard tab: ratings from every stored battle (arena votes and judge verdicts).
+"""The Leaderboard tab: ratings from the stored battles (arena votes and judge verdicts).
 
 Bradley–Terry ratings on the Elo scale with 95% bootstrap intervals, via `chatbuild.ratings`
 (the same code as `chatbuild eval elo`), the battle count per model, and two pictures: the interval
-plot and the win-rate heat map. Filters: source (human votes, judge verdicts) and anonymous battles
-only. Recomputed when the tab is opened and on Refresh. API name: `/leaderboard`.
+plot and the win-rate heat map. Filters: source (human votes, judge verdicts) and "anonymous battles
+only", on by default: arena votes cast in named mode, where the voter picked both models by name,
+are left out (as FastChat's arena rates anonymous battles only), since one person can pick a
+favourite and vote for it turn after turn. Judge verdicts carry no such mark and always count.
+Recomputed when the tab is opened and on Refresh. API name: `/leaderboard`.
 """
 
 import io
@@ -24,8 +27,9 @@ def build_leaderboard_tab(ctx: UIContext, tab: gr.Tab) -> None:
     with gr.Row():
         sources = gr.CheckboxGroup(SOURCES, value=SOURCES, label="Battles from",
                                    info="human: arena votes · judge: model-judged evaluations · import: imported files")
-        anonymous_only = gr.Checkbox(False, label="Anonymous battles only",
-                                     info="votes cast before the names were shown")
+        anonymous_only = gr.Checkbox(True, label="Anonymous battles only",
+                                     info="leaves out arena votes cast after picking the models by name "
+                                          "(named mode); judge verdicts always count")
         refresh = gr.Button("Refresh", size="sm", scale=0, elem_id="leaderboard-refresh")
     summary = gr.Markdown(elem_id="leaderboard-summary")
     table = gr.Dataframe(headers=COLUMNS, datatype=["number", "str", "number", "str", "number"],
@@ -38,8 +42,7 @@ def build_leaderboard_tab(ctx: UIContext, tab: gr.Tab) -> None:
                             buttons=["download"], elem_id="leaderboard-heatmap")
 
     def compute(sources, anonymous_only):
-        battles = storage.list_battles(ctx.db_path, source=sources, anony=True if anonymous_only else None) \
-            if sources else []
+        battles = storage.list_battles(ctx.db_path, source=sources, named=not anonymous_only) if sources else []
         return render(battles, sources, anonymous_only)
 
     outputs = [summary, table, interval_plot, heat_map]
@@ -51,12 +54,14 @@ def build_leaderboard_tab(ctx: UIContext, tab: gr.Tab) -> None:
 def render(battles: list[dict], sources, anonymous_only: bool):
     """(summary markdown, table rows, interval plot, heat map) for these battles."""
     what = "sources: " + (", ".join(sources) if sources else "none") + ("; anonymous only" if anonymous_only else "")
+    counted = (" Arena votes cast in named mode (both models picked by name) are left out; judge verdicts count."
+               if anonymous_only else " Arena votes cast in named mode (both models picked by name) are included.")
     if not battles:
-        return f"No battles stored yet ({what}). Vote in the Arena tab to add some.", [], None, None
+        return f"No battles stored yet ({what}). Vote in the Arena tab to add some.{counted}", [], None, None
     rows = ratings.leaderboard(battles, method="bt", bootstrap_rounds=BOOTSTRAP_ROUNDS)
     summary = (f"**{len(battles)}** battles ({what}) between **{len(rows)}** models · Bradley–Terry ratings "
                f"on the Elo scale (mean 1000), 95% bootstrap intervals over {BOOTSTRAP_ROUNDS} resamples; "
-               "rank (UB) is the best rank the intervals allow.")
+               f"rank (UB) is the best rank the intervals allow.{counted}")
     few = [r.model for r in rows if r.battles < FEW_BATTLES]
     if few:  # true to the maths, but a rating from a handful of battles is mostly noise: say so
         summary += (f" ⚠️ Too few battles to trust yet for {', '.join(few)} (under {FEW_BATTLES} each): "
