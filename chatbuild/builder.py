@@ -219,8 +219,9 @@ class Builder:
                 errors[key or "settings"] = _without_source(message, key)
         base = str(values.get("model.base") or "")
         if "model.base" not in errors and (base.startswith(("/", ".")) or Path(base).exists()) \
-                and not (Path(base) / "config.json").is_file():
-            errors["model.base"] = f"{base}: no model folder there (no config.json)"
+                and not (Path(base) / "config.json").is_file() \
+                and not (base.lower().endswith(".gguf") and Path(base).is_file()):  # imported when the job starts
+            errors["model.base"] = f"{base}: no model folder there (no config.json) and no .gguf file"
         return errors
 
     def overrides(self, values: dict, data: DataChoice) -> list[str]:

@@ -80,9 +80,14 @@ def resolve_config(preset: str | None, overrides: list[str]) -> RunConfig:
 
 
 def resolve_base(name: str) -> str:
-    """'tiny' means the embedded tiny base, built once into $CHATBUILD_HOME/tiny-base."""
+    """The model folder (or hub id) for `model.base`: "tiny" is the embedded tiny base, built once into
+    $CHATBUILD_HOME/tiny-base; a short name such as "smollm2" or a .gguf file is imported once into
+    $CHATBUILD_HOME/bases (chatbuild.bases); anything else is used as it is."""
+    from chatbuild import bases
     from chatbuild.modeling import TINY_BASE, tiny_base_dir
 
+    if bases.needs_import(name):
+        return bases.resolve(name)
     if name != TINY_BASE:
         return name
     out = tiny_base_dir()

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         storage.check_writable(args.db or storage.default_path())
 
     # ── load, then serve ──
-    if args.base == "tiny" and args.engine == "hf":  # the embedded tiny base, built on first use
+    if args.base and args.engine in ("hf", "vllm"):  # tiny, smollm2, a .gguf file: made a folder on first use
         from pipelines.finetune import resolve_base
 
         args.base = resolve_base(args.base)
