@@ -158,7 +158,7 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
         load_tokenizer,
         vocab_mismatch,
     )
-    from chatbuild.templates import ChatFormat, guanaco_jinja_template
+    from chatbuild.templates import guanaco_jinja_template, make_format
 
     # ── processes ──
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -204,10 +204,12 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
 
     # ── render and mask ──
     tokenizer = load_tokenizer(cfg.model.base, cfg.model.revision, cfg.model.trust_remote_code)
-    fmt = ChatFormat(name=cfg.data.chat_format, system_prompt=cfg.data.system_prompt,
-                     stop=["### Human:"] if cfg.data.chat_format == "guanaco" else [])
+    fmt = make_format(cfg.data.chat_format, cfg.data.system_prompt, tokenizer)  # the registry: templates.FORMATS
+    # The saved tokenizer renders what we trained on.
     if fmt.name == "guanaco" and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = guanaco_jinja_template()  # the saved tokenizer renders what we trained on
+        tokenizer.chat_template = guanaco_jinja_template()
+    elif fmt.template is not None:
+        tokenizer.chat_template = fmt.template
     train_set = tokenize_conversations(train_convs, fmt, tokenizer, cfg.data.max_length, cfg.data.train_on_prompts)
     val_set = tokenize_conversations(val_convs, fmt, tokenizer, cfg.data.max_length, cfg.data.train_on_prompts)
     train_set = [e for e in train_set if any(label != -100 for label in e.labels[1:])]
