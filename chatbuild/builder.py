@@ -349,8 +349,9 @@ class Builder:
                 key = next((k for k in FIELDS if message.startswith(k) or f"({k}" in message or f"{k} (" in message), None)
                 errors[key or "settings"] = _without_source(message, key)
         if "model.base" not in errors and (base.startswith(("/", ".")) or Path(base).exists()) \
-                and not (Path(base) / "config.json").is_file():
-            errors["model.base"] = f"{base}: no model folder there (no config.json)"
+                and not (Path(base) / "config.json").is_file() \
+                and not (base.lower().endswith(".gguf") and Path(base).is_file()):  # imported when the job starts
+            errors["model.base"] = f"{base}: no model folder there (no config.json) and no .gguf file"
         return errors
 
     def overrides(self, values: dict, data: DataChoice) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from chatbuild.errors import UserError
+from chatbuild.templates import check_format_name
 
 
 @dataclass
@@ -56,7 +57,7 @@ class DataSettings:
     max_length: int = 512
     train_on_prompts: bool = False  # True: the paper's whole-text loss; False: assistant turns only
     batching: str = "grouped"  # grouped (length-grouped padding) | packed (padding-free)
-    chat_format: str = "guanaco"  # guanaco | tokenizer
+    chat_format: str = "guanaco"  # guanaco | tokenizer | chatml | llama3 | a .jinja file (chatbuild.templates.FORMATS)
     system_prompt: str | None = None
 
 
@@ -104,7 +105,6 @@ CHOICES = {
     "model.quant_storage": ("uint8", "bfloat16", "float16", "float32"),
     "data.mode": ("top1", "all"),
     "data.batching": ("grouped", "packed"),
-    "data.chat_format": ("guanaco", "tokenizer"),
     "train.schedule": ("constant", "linear", "cosine"),
 }
 POSITIVE = ("lora.r", "lora.alpha", "data.max_length", "train.steps", "train.batch_size", "train.micro_batch_size", "train.lr")
@@ -117,6 +117,7 @@ def check(cfg: RunConfig) -> RunConfig:
         value = _get(flat, key)
         if value not in allowed:
             raise UserError(f'{key}: "{value}" is not one of {", ".join(allowed)}')
+    check_format_name(cfg.data.chat_format, "data.chat_format")  # the registry's names, or a .jinja file
     for key in POSITIVE:
         if not _get(flat, key) > 0:
             raise UserError(f"{key}: must be > 0, got {_get(flat, key)}")

@@ -18,8 +18,9 @@ TINY_BASE = "tiny"  # the embedded default base's name in configs (see pipelines
 
 def tiny_base_dir() -> Path:
     """Where the embedded tiny base is built on first use: $CHATBUILD_HOME/tiny-base."""
-    home = Path(os.environ.get("CHATBUILD_HOME", Path.home() / ".cache" / "chatbuild"))
-    return home / "tiny-base"
+    from chatbuild.bases import chatbuild_home
+
+    return chatbuild_home() / "tiny-base"
 
 
 def default_device() -> str:
@@ -78,7 +79,30 @@ def check_causal_lm(name: str, revision: str | None = None, trust_remote_code: b
         raise UserError(f'base model "{name}" could not be read: {first}') from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise UserError(f'base model "{name}" is a "{config.model_type}" model, not a causal language model')
+    check_not_prequantized(name, config)
     return config
+
+
+def check_not_prequantized(name: str, config) -> None:
+    """A base whose config.json carries another library's `quantization_config` (GGUF, GPTQ, AWQ, ...)
+    cannot be loaded with our BitsAndBytesConfig (transformers fails deep inside with "The model is
+    quantized with GgufConfig but you are passing a BitsAndBytesConfig"), nor trained with LoRA as a
+    16-bit model: say what to use instead. A bitsandbytes config (a `merge --requantize` result) is
+    our own kind and loads."""
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return
+    method = str(q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", "unknown"))
+    method = method.split(".")[-1].lower()  # a QuantizationMethod enum prints as QuantizationMethod.GGUF
+    if method == "bitsandbytes":
+        return
+    if method == "gguf":
+        raise UserError(f'base model "{name}" is a GGUF conversion whose config.json still carries the GGUF '
+                        "quantization_config; give the .gguf file itself as the base (chatbuild converts it "
+                        'once), or delete "quantization_config" from its config.json')
+    raise UserError(f'base model "{name}" is already quantized with {method} (config.json has a '
+                    "quantization_config); chatbuild quantizes bases itself with bitsandbytes: use the "
+                    "unquantized 16-bit model instead")
 
 
 def load_base_model(name: str, revision: str | None = None, quant: str = "nf4", double_quant: bool = True,

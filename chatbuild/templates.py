@@ -4,14 +4,24 @@ A `ChatFormat` is saved with every run (`chat_format.json`) and read back by ser
 always prompted exactly the way it was trained (the idea of litgpt's `prompt_style.yaml` and
 alpaca-lora's single `Prompter`).
 
-Two kinds:
+The formats, one registry (`FORMATS`) that the config check, the command lines and the recipe read:
 - "guanaco": the QLoRA paper's format. Each turn is one line,
 
       <s>[system line\\n]### Human: {user}\\n### Assistant: {assistant}</s>\\n### Human: ...
 
   a reply ends with the tokenizer's EOS token, and serving also stops at the string "### Human:".
-  The paper's system line (`GUANACO_SYSTEM`) is optional.
-- "tokenizer": whatever chat template the tokenizer carries (`tokenizer.apply_chat_template`).
+  The paper's system line (`GUANACO_SYSTEM`) is optional. The default for bases without a template.
+- "tokenizer": whatever chat template the base's tokenizer carries (`tokenizer.apply_chat_template`);
+  its end-of-turn marker (e.g. ChatML's `<|im_end|>`) is read off the template and becomes a stop string.
+  A bare base that has a template is served with it.
+- "chatml": `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message (Qwen, SmolLM, many others).
+- "llama3": `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>` per message.
+- a `.jinja` file: a chat template of your own (the file's text is saved in chat_format.json, so the
+  run folder keeps working without the file); its end-of-turn marker is read off it like "tokenizer"'s.
+
+A stop string that is one token of the tokenizer (`<|im_end|>`, `<|eot_id|>` in their own families)
+also ends a reply as a token id (`stop_token_ids`): special tokens never reach the reply text, so
+their string would never be seen there.
 
 Tokenization contract (`encode`): the conversation is rendered to text together with the character
 spans the model should learn to produce (each assistant reply plus its end-of-turn marker); the whole
@@ -40,17 +50,60 @@ GUANACO_ASSISTANT = "### Assistant:"
 ROLES = ("system", "user", "assistant")
 
 
+# ChatML as most ChatML tokenizers write it: every message framed the same way, no default system line.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Llama 3's template without its tool-calling branches.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """One entry of the chat-format registry."""
+
+    template: str | None  # Jinja chat template; None: rendered by hand (guanaco) or the tokenizer's own
+    stop: tuple[str, ...]  # strings that end a reply besides EOS (more are read off "tokenizer" templates)
+    about: str
+
+
+FORMATS = {
+    "guanaco": FormatSpec(None, (GUANACO_HUMAN,), "the QLoRA paper's ### Human: / ### Assistant: lines"),
+    "tokenizer": FormatSpec(None, (), "the base tokenizer's own chat template"),
+    "chatml": FormatSpec(CHATML_TEMPLATE, ("<|im_end|>", "<|im_start|>"), "<|im_start|>role ... <|im_end|>"),
+    "llama3": FormatSpec(LLAMA3_TEMPLATE, ("<|eot_id|>", "<|start_header_id|>"),
+                         "<|start_header_id|>role<|end_header_id|> ... <|eot_id|>"),
+}
+JINJA = "jinja"  # ChatFormat.name of a format read from a user's .jinja file
+MAX_TEMPLATE_BYTES = 64 * 1024  # a chat template is a few hundred bytes; anything near this is not one
+
+
+def format_choices() -> str:
+    """'guanaco, tokenizer, chatml, llama3 or a .jinja file': for help texts and error messages."""
+    return ", ".join(FORMATS) + " or a .jinja file"
+
+
 @dataclass
 class ChatFormat:
     """How conversations become text. Saved as `chat_format.json` in every run folder."""
 
-    name: str = "guanaco"  # "guanaco" or "tokenizer"
+    name: str = "guanaco"  # a FORMATS name, or "jinja" (then `template` holds the file's text)
     system_prompt: str | None = None  # used when a conversation brings no system message
     stop: list[str] = field(default_factory=lambda: [GUANACO_HUMAN])  # strings that end a reply
+    template: str | None = None  # the Jinja template of chatml, llama3 and .jinja formats
 
     def __post_init__(self):
-        if self.name not in ("guanaco", "tokenizer"):
-            raise UserError(f'chat format "{self.name}" is unknown; use "guanaco" or "tokenizer"')
+        if self.name not in FORMATS and self.name != JINJA:
+            raise UserError(f'chat format "{self.name}" is unknown; use {format_choices()}')
+        if self.template is None and self.name in FORMATS:
+            self.template = FORMATS[self.name].template
+        if self.name == JINJA and not self.template:
+            raise UserError('chat format "jinja" needs its template text')
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -59,9 +112,97 @@ class ChatFormat:
     def load(cls, path: str | Path) -> "ChatFormat":
         try:
             data = json.loads(Path(path).read_text())
-            return cls(name=data["name"], system_prompt=data.get("system_prompt"), stop=list(data.get("stop", [])))
+            return cls(name=data["name"], system_prompt=data.get("system_prompt"), stop=list(data.get("stop", [])),
+                       template=data.get("template"))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{path}: not a readable chat_format.json ({e})") from None
+
+
+def check_format_name(value: str, key: str = "data.chat_format") -> None:
+    """UserError (naming `key`) unless `value` is a registry name or a readable .jinja template file."""
+    if value in FORMATS:
+        return
+    if not str(value).lower().endswith(".jinja"):
+        raise UserError(f'{key}: "{value}" is not one of {format_choices()}')
+    read_template_file(value, key)
+
+
+def read_template_file(path: str | Path, key: str = "data.chat_format") -> str:
+    """The text of a user's .jinja chat template, checked: a file, at most MAX_TEMPLATE_BYTES, UTF-8,
+    valid Jinja (compiled in transformers' sandbox, the one that renders it later)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{key}: {path}: no such .jinja file")
+    if path.stat().st_size > MAX_TEMPLATE_BYTES:
+        raise UserError(f"{key}: {path}: {path.stat().st_size:,} bytes; a chat template has at most "
+                        f"{MAX_TEMPLATE_BYTES:,}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{key}: {path}: not a readable UTF-8 text file ({e})") from None
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(text)
+    except TemplateError as e:
+        raise UserError(f"{key}: {path}: not a valid Jinja template (line {getattr(e, 'lineno', '?')}: {e})") from None
+    return text
+
+
+def make_format(value: str, system_prompt: str | None = None, tokenizer=None, key: str = "data.chat_format") -> ChatFormat:
+    """The ChatFormat for a registry name or a .jinja file path, with its stop strings.
+
+    "tokenizer" and .jinja formats read their end-of-turn marker off the template, which needs the
+    `tokenizer` (its BOS/EOS tokens appear in the rendering); "tokenizer" needs one with a template."""
+    check_format_name(value, key)
+    if value in FORMATS:
+        spec = FORMATS[value]
+        if value == "tokenizer":
+            if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+                raise UserError(f'{key}: "tokenizer" needs a base whose tokenizer has a chat template; this one has '
+                                "none (use " + ", ".join(n for n in FORMATS if n != "tokenizer") + " or a .jinja file)")
+            stop = end_of_turn(tokenizer, tokenizer.chat_template) if tokenizer is not None else []
+            return ChatFormat(name=value, system_prompt=system_prompt, stop=stop)
+        return ChatFormat(name=value, system_prompt=system_prompt, stop=list(spec.stop))
+    text = read_template_file(value, key)
+    stop = end_of_turn(tokenizer, text) if tokenizer is not None else []
+    return ChatFormat(name=JINJA, system_prompt=system_prompt, stop=stop, template=text)
+
+
+def bare_base_format(tokenizer, value: str | None = None, key: str = "--chat-format") -> ChatFormat:
+    """How a bare base is prompted: `value` (a registry name or .jinja file) if given, else the base's
+    own chat template when it has one, else Guanaco. A template that is Guanaco's (the tiny base's)
+    counts as Guanaco, so its stop string comes with it."""
+    if value is not None:
+        return make_format(value, tokenizer=tokenizer, key=key)
+    template = getattr(tokenizer, "chat_template", None)
+    if template and template != guanaco_jinja_template():
+        return make_format("tokenizer", tokenizer=tokenizer)
+    return ChatFormat()
+
+
+def end_of_turn(tokenizer, template: str) -> list[str]:
+    """The marker a template writes after an assistant reply (`<|im_end|>`, `<|eot_id|>`, `</s>`), as a
+    one-item stop list; [] when there is none to see (whitespace only) or the template cannot render."""
+    marker = "\x00reply\x00"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                                             chat_template=template, tokenize=False)
+    except Exception:  # noqa: BLE001 — a template that cannot render this fails later with its own message
+        return []
+    after = text[text.find(marker) + len(marker):].split() if marker in text else []
+    return after[:1]
+
+
+def stop_token_ids(fmt: ChatFormat, tokenizer) -> set[int]:
+    """Ids of the stop strings that are single tokens of `tokenizer` (see the module docstring)."""
+    ids = set()
+    for s in fmt.stop:
+        encoded = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1:
+            ids.add(encoded[0])
+    return ids
 
 
 def guanaco_jinja_template() -> str:
@@ -114,7 +255,7 @@ def render(fmt: ChatFormat, tokenizer, messages: list[dict], add_generation_prom
     messages = _with_system(fmt, messages)
     if fmt.name == "guanaco":
         return _render_guanaco(tokenizer, messages, add_generation_prompt)
-    return _render_with_tokenizer_template(tokenizer, messages, add_generation_prompt)
+    return _render_with_template(tokenizer, fmt.template, messages, add_generation_prompt)
 
 
 def _render_guanaco(tokenizer, messages, add_generation_prompt):
@@ -138,13 +279,15 @@ def _render_guanaco(tokenizer, messages, add_generation_prompt):
     return "".join(parts), spans
 
 
-def _render_with_tokenizer_template(tokenizer, messages, add_generation_prompt):
-    if not getattr(tokenizer, "chat_template", None):
+def _render_with_template(tokenizer, template, messages, add_generation_prompt):
+    """`template` (None: the tokenizer's own) rendered by transformers, with the reply spans found by
+    rendering each prefix of the conversation."""
+    if template is None and not getattr(tokenizer, "chat_template", None):
         raise UserError('chat format "tokenizer" needs a tokenizer with a chat template; this one has none '
                         '(use chat_format "guanaco")')
 
     def apply(msgs, gen):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
 
     text = apply(messages, add_generation_prompt)
     spans = []

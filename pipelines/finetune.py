@@ -81,9 +81,14 @@ def resolve_config(preset: str | None, overrides: list[str]) -> RunConfig:
 
 
 def resolve_base(name: str) -> str:
-    """'tiny' means the embedded tiny base, built once into $CHATBUILD_HOME/tiny-base."""
+    """The model folder (or hub id) for `model.base`: "tiny" is the embedded tiny base, built once into
+    $CHATBUILD_HOME/tiny-base; a short name such as "smollm2" or a .gguf file is imported once into
+    $CHATBUILD_HOME/bases (chatbuild.bases); anything else is used as it is."""
+    from chatbuild import bases
     from chatbuild.modeling import TINY_BASE, tiny_base_dir
 
+    if bases.needs_import(name):
+        return bases.resolve(name)
     if name != TINY_BASE:
         return name
     out = tiny_base_dir()
@@ -154,7 +159,7 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
         load_tokenizer,
         vocab_mismatch,
     )
-    from chatbuild.templates import ChatFormat, guanaco_jinja_template
+    from chatbuild.templates import guanaco_jinja_template, make_format
 
     # ── processes ──
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -200,10 +205,12 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
 
     # ── render and mask ──
     tokenizer = load_tokenizer(cfg.model.base, cfg.model.revision, cfg.model.trust_remote_code)
-    fmt = ChatFormat(name=cfg.data.chat_format, system_prompt=cfg.data.system_prompt,
-                     stop=["### Human:"] if cfg.data.chat_format == "guanaco" else [])
+    fmt = make_format(cfg.data.chat_format, cfg.data.system_prompt, tokenizer)  # the registry: templates.FORMATS
+    # The saved tokenizer renders what we trained on.
     if fmt.name == "guanaco" and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = guanaco_jinja_template()  # the saved tokenizer renders what we trained on
+        tokenizer.chat_template = guanaco_jinja_template()
+    elif fmt.template is not None:
+        tokenizer.chat_template = fmt.template
     train_set = tokenize_conversations(train_convs, fmt, tokenizer, cfg.data.max_length, cfg.data.train_on_prompts)
     val_set = tokenize_conversations(val_convs, fmt, tokenizer, cfg.data.max_length, cfg.data.train_on_prompts)
     train_set = [e for e in train_set if any(label != -100 for label in e.labels[1:])]

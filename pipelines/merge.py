@@ -30,6 +30,7 @@ from pathlib import Path
 from chatbuild.config import save_config
 from chatbuild.errors import UserError
 from chatbuild.runs import ADAPTER_FILES, load_run
+from pipelines.finetune import resolve_base
 
 COMBINATIONS = ("cat", "linear", "svd", "ties", "dare_linear")
 
@@ -71,7 +72,7 @@ def merge_run(run_path: str | Path, out: str | Path, dtype: str = "bfloat16", re
     if _prepare_out(out, recipe, overwrite):
         return out
     m = run.config.model
-    base = load_base_model(m.base, m.revision, quant="none", double_quant=False, compute_dtype=dtype,
+    base = load_base_model(resolve_base(m.base), m.revision, quant="none", double_quant=False, compute_dtype=dtype,
                            trust_remote_code=m.trust_remote_code)
     merged = PeftModel.from_pretrained(base, run.adapter_dir).merge_and_unload()
     merged.config.use_cache = True
@@ -119,7 +120,7 @@ def combine_adapters(run_paths: list[str], weights: list[float], out: str | Path
     if _prepare_out(out, recipe, overwrite):
         return out
     m = runs[0].config.model
-    base = load_base_model(m.base, m.revision, quant="none", double_quant=False, compute_dtype=dtype,
+    base = load_base_model(resolve_base(m.base), m.revision, quant="none", double_quant=False, compute_dtype=dtype,
                            trust_remote_code=m.trust_remote_code)
     names = [f"a{i}" for i in range(len(runs))]
     model = PeftModel.from_pretrained(base, runs[0].adapter_dir, adapter_name=names[0])

@@ -3,6 +3,8 @@
     chatbuild serve runs/tiny-a runs/tiny-b                # one 4-bit base + both adapters + the bare base
     chatbuild serve --base huggyllama/llama-7b             # a base alone
     chatbuild serve --base tiny --builder                  # the embedded tiny base (CPU), and the Build tab
+    chatbuild serve --base smollm2                         # SmolLM2-135M-Instruct, in its own ChatML template
+    chatbuild serve --base model.gguf --chat-format chatml # a GGUF file (imported once), prompted in ChatML
     chatbuild serve runs/a --builder --host 0.0.0.0 --ui-auth alice:pw1,bob:pw2 --builder-users alice
     chatbuild serve runs/a --host 0.0.0.0 --port 8000 --api-key "$KEY"    # or env CHATBUILD_API_KEY
     chatbuild serve --engine openai --remote-url http://gpu-box:8000/v1 --remote-key "$KEY"
@@ -18,6 +20,7 @@ import os
 import sys
 
 from chatbuild.errors import UserError
+from chatbuild.templates import check_format_name, format_choices
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,8 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = Settings()
     p.add_argument("runs", nargs="*", metavar="RUN",
                    help="run folders to serve (hf engine); model names with --engine openai")
-    p.add_argument("--base", help="base model id or path: alone without RUNs, else instead of the base the runs name")
+    p.add_argument("--base", help="base model id, path, .gguf file or smollm2: alone without RUNs, else instead "
+                                  "of the base the runs name")
     p.add_argument("--base-name", help="the bare base's model name (default: its folder name or hub id)")
+    p.add_argument("--chat-format", metavar="FORMAT",
+                   help=f"how the bare base is prompted: {format_choices()} (default: the base's own chat "
+                        "template, else guanaco; runs keep their own)")
     p.add_argument("--engine", choices=("hf", "openai", "vllm"), default="hf",
                    help="hf: load the models in this process (default); openai: forward to --remote-url; "
                         "vllm: start `vllm serve` for the runs (CUDA) and forward to it")
@@ -86,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("nothing to serve: give one or more run folders, or --base")
         for r in args.runs:
             load_run(r)  # a missing or broken run folder fails here, with its path
+    if args.chat_format is not None:
+        if args.engine != "hf":
+            raise UserError("--chat-format applies to the hf engine's bare base")
+        check_format_name(args.chat_format, "--chat-format")
     for name in ("max_new_tokens", "max_prompt_tokens", "max_running", "builder_max_queued",
                  "builder_max_queued_per_user", "builder_max_steps"):
         if getattr(args, name) < 1:
@@ -120,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         storage.check_writable(args.db or storage.default_path())
 
     # ── load, then serve ──
-    if args.base == "tiny" and args.engine == "hf":  # the embedded tiny base, built on first use
+    if args.base and args.engine in ("hf", "vllm"):  # tiny, smollm2, a .gguf file: made a folder on first use
         from pipelines.finetune import resolve_base
 
         args.base = resolve_base(args.base)
@@ -131,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         engine = open_engine(args.runs, base=args.base, base_name=args.base_name, kind=args.engine,
                              url=args.remote_url, api_key=args.remote_key, device=args.device,
-                             max_batch=args.max_running)  # every admitted generation decodes in the batch
+                             max_batch=args.max_running,  # every admitted generation decodes in the batch
+                             chat_format=args.chat_format)
     try:
         app = create_app(engine, settings, ui=not args.no_ui)
         print(f"chatbuild serve: models {', '.join(engine.models())} on http://{args.host}:{args.port} "

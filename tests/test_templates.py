@@ -1,5 +1,7 @@
-"""Chat templates and loss masks, verified token by token on the tiny base's tokenizer, for both
-template kinds; truncation; serving prompts equal training prefixes."""
+"""Chat templates and loss masks, verified token by token on the tiny base's tokenizer, for every
+format of the registry (guanaco, tokenizer, chatml, llama3, a .jinja file); truncation; serving
+prompts equal training prefixes; end-of-turn markers and stop ids; the config, `serve` and the recipe
+reading the one registry."""
 
 import re
 
@@ -7,15 +9,19 @@ import pytest
 
 from chatbuild.errors import UserError
 from chatbuild.templates import (
+    FORMATS,
     GUANACO_SYSTEM,
     IGNORE_INDEX,
     ChatFormat,
+    bare_base_format,
     check_messages,
     encode,
     guanaco_jinja_template,
+    make_format,
     parse_guanaco_text,
     prompt_ids,
     render,
+    stop_token_ids,
 )
 
 # A template of another family (role headers, EOS after replies), to show "tokenizer" formats work
@@ -242,3 +248,117 @@ def test_parse_guanaco_text_reads_back_what_render_writes(tokenizer):
     messages = [{"role": "system", "content": "Be kind."}, *CONV]
     text, _ = render(ChatFormat("guanaco"), tokenizer, messages)
     assert parse_guanaco_text(text.replace(tokenizer.bos_token, "").replace(tokenizer.eos_token, "")) == messages
+
+
+# ── the registry: named formats, .jinja files, end-of-turn markers ─────────────────────────────
+MARKED_TEMPLATE = (  # a user's own template: role lines, and "<|end|>" after every message
+    "{% for m in messages %}{{ m['role'] + ':\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:\\n' }}{% endif %}"
+)
+
+
+def test_chatml_and_llama3_mask_token_by_token(tokenizer):
+    """The registry's own templates: each reply and its end-of-turn marker are trained, nothing else."""
+    chatml = runs(tokenizer, encode(make_format("chatml"), tokenizer, CONV))
+    assert [text for trained, text in chatml if trained] == ["I am fine.\nThanks!<|im_end|>\n", "Bye now<|im_end|>\n"]
+    text = "".join(text for _, text in chatml).lstrip()  # (SentencePiece adds a leading space)
+    assert text.startswith("<|im_start|>user\nHi there, how are you?<|im_end|>\n<|im_start|>assistant\n")
+    llama3 = runs(tokenizer, encode(make_format("llama3"), tokenizer, CONV))
+    assert [text for trained, text in llama3 if trained] == ["I am fine.\nThanks!<|eot_id|>", "Bye now<|eot_id|>"]
+    assert make_format("chatml").stop == list(FORMATS["chatml"].stop) == ["<|im_end|>", "<|im_start|>"]
+    assert make_format("llama3").stop == ["<|eot_id|>", "<|start_header_id|>"]
+
+
+def test_bare_bases_get_their_own_template_and_its_end_of_turn(tokenizer, other_tokenizer):
+    """A bare base is prompted in its own template when it has one (the marker after a reply becomes
+    its stop string); the tiny base's template is Guanaco's, so it keeps the Guanaco format; a base
+    without a template gets Guanaco; "tokenizer" for a base without one is refused."""
+    import copy
+
+    assert bare_base_format(tokenizer) == ChatFormat("guanaco")
+    assert bare_base_format(other_tokenizer) == ChatFormat("tokenizer", stop=["</s>"])
+    chatml = copy.deepcopy(tokenizer)
+    chatml.chat_template = FORMATS["chatml"].template
+    assert bare_base_format(chatml).stop == ["<|im_end|>"]
+    assert bare_base_format(tokenizer, "llama3").name == "llama3"  # --chat-format wins
+    chatml.chat_template = None
+    assert bare_base_format(chatml) == ChatFormat("guanaco")
+    with pytest.raises(UserError, match=r'^--chat-format: "tokenizer" needs a base whose tokenizer has a chat '
+                                        r"template; this one has none \(use guanaco, chatml, llama3 or a \.jinja file\)$"):
+        bare_base_format(chatml, "tokenizer")
+
+
+def test_single_token_stop_strings_end_replies_as_token_ids(tokenizer):
+    """Special tokens never reach the decoded reply, so a stop string that is one special token must
+    end the reply as a token id."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert stop_token_ids(make_format("chatml"), tok) == {im_end}
+    assert tok.decode([im_end], skip_special_tokens=True) == ""  # why the string alone would never be seen
+    assert stop_token_ids(make_format("chatml"), tokenizer) == set()  # several tokens there: the string stops it
+    assert stop_token_ids(ChatFormat("guanaco"), tokenizer) == set()
+
+
+def test_a_jinja_file_is_a_format_and_bad_files_are_one_line(tokenizer, tmp_path):
+    template = tmp_path / "mine.jinja"
+    template.write_text(MARKED_TEMPLATE)
+    fmt = make_format(str(template), "Be brief.", tokenizer)
+    assert (fmt.name, fmt.stop, fmt.template, fmt.system_prompt) == ("jinja", ["<|end|>"], MARKED_TEMPLATE, "Be brief.")
+    assert runs(tokenizer, encode(fmt, tokenizer, CONV[:2]))[-1] == (True, "I am fine.\nThanks!<|end|>\n")
+    fmt.save(tmp_path / "chat_format.json")
+    template.unlink()  # the run folder keeps working without the file
+    assert ChatFormat.load(tmp_path / "chat_format.json") == fmt
+
+    big, broken, binary = tmp_path / "big.jinja", tmp_path / "broken.jinja", tmp_path / "binary.jinja"
+    big.write_text("{{ x }}" * 20000)
+    broken.write_text("{% for m in messages %}\n{{ m['content'] }")
+    binary.write_bytes(b"\xff\xfe\x00{{")
+    for path, message in [(template, "no such .jinja file"), (big, "140,000 bytes; a chat template has at most 65,536"),
+                          (broken, "not a valid Jinja template (line 2"), (binary, "not a readable UTF-8 text file")]:
+        with pytest.raises(UserError, match=rf"^data\.chat_format: {path}: {re.escape(message)}"):
+            make_format(str(path), tokenizer=tokenizer)
+
+
+def test_the_config_check_reads_the_registry(tmp_path):
+    from chatbuild.config import load_config
+
+    for name in FORMATS:
+        assert load_config(None, [f"data.chat_format={name}"]).data.chat_format == name
+    with pytest.raises(UserError, match=r'^data\.chat_format: "vicuna" is not one of guanaco, tokenizer, chatml, '
+                                        r"llama3 or a \.jinja file$"):
+        load_config(None, ["data.chat_format=vicuna"])
+    with pytest.raises(UserError, match=r"^data\.chat_format: .*nope\.jinja: no such \.jinja file$"):
+        load_config(None, [f"data.chat_format={tmp_path / 'nope.jinja'}"])
+
+
+def test_chatbuild_serve_chat_format_is_checked_before_anything_loads():
+    """`serve --chat-format` takes the registry's names or a .jinja file; anything else is one line
+    (and no model is loaded: the base named here does not even exist)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-m", "chatbuild.cli", "serve", "--base", "/nonexistent/base", "--no-ui",
+                          "--chat-format", "vicuna"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert ('chatbuild serve: error: --chat-format: "vicuna" is not one of guanaco, tokenizer, chatml, llama3 '
+            "or a .jinja file") in out.stderr
+
+
+def test_the_recipe_reads_the_registry_and_saves_the_template(tiny_base, tmp_path):
+    """A fine-tune in a .jinja format saves what serving needs to prompt exactly the same way: the
+    template in chat_format.json and in the run's tokenizer, and the end-of-turn stop string."""
+    from conftest import finetune_tiny
+    from transformers import AutoTokenizer
+
+    template = tmp_path / "mine.jinja"
+    template.write_text(MARKED_TEMPLATE)
+    run = finetune_tiny(tiny_base, tmp_path / "run", f"data.chat_format={template}", "train.steps=1",
+                        "train.eval_every=0", "train.save_every=0")
+    fmt = ChatFormat.load(run / "chat_format.json")
+    assert (fmt.name, fmt.stop, fmt.template) == ("jinja", ["<|end|>"], MARKED_TEMPLATE)
+    assert AutoTokenizer.from_pretrained(run / "tokenizer").chat_template == MARKED_TEMPLATE

@@ -21,6 +21,7 @@ from chatbuild.data import (
     write_conversations,
 )
 from chatbuild.errors import UserError
+from chatbuild.templates import format_choices
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,8 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _source_arguments(insp)
     insp.add_argument("--tokenizer", metavar="PATH",
                       help="measure lengths in this tokenizer's tokens (default: whitespace-separated words)")
-    insp.add_argument("--chat-format", choices=("guanaco", "tokenizer"), default="guanaco",
-                      help="with --tokenizer: render conversations in this chat format (default guanaco)")
+    insp.add_argument("--chat-format", default="guanaco", metavar="FORMAT",
+                      help=f"with --tokenizer: render conversations in this chat format: {format_choices()} "
+                           "(default guanaco)")
     insp.add_argument("--plot", metavar="PNG", help="also draw the histograms into this PNG file")
 
 
@@ -109,7 +111,7 @@ def _inspect(args, convs, report) -> int:
 
 
 def _load_tokenizer(path: str, chat_format: str):
-    from chatbuild.templates import ChatFormat
+    from chatbuild.templates import make_format
 
     try:
         from transformers import AutoTokenizer
@@ -117,4 +119,4 @@ def _load_tokenizer(path: str, chat_format: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UserError(f"--tokenizer {path}: cannot load a tokenizer from it ({e})") from None
-    return tokenizer, ChatFormat(name=chat_format)
+    return tokenizer, make_format(chat_format, tokenizer=tokenizer, key="--chat-format")

@@ -41,7 +41,7 @@ from chatbuild.engines import (
 from chatbuild.engines.batching import Request, Scheduler
 from chatbuild.errors import UserError
 from chatbuild.runs import Run, load_run
-from chatbuild.templates import ChatFormat, prompt_ids
+from chatbuild.templates import ChatFormat, bare_base_format, prompt_ids, stop_token_ids
 
 
 @dataclass
@@ -79,18 +79,22 @@ class HFEngine:
 
     def __init__(self, base: str, *, revision: str | None = None, quant: str = "nf4", double_quant: bool = True,
                  compute_dtype: str = "auto", quant_storage: str = "uint8", trust_remote_code: bool = False,
-                 device: str | None = None, base_name: str | None = None, chat_format: ChatFormat | None = None,
+                 device: str | None = None, base_name: str | None = None, chat_format: ChatFormat | str | None = None,
                  max_prompt_tokens: int | None = None, max_batch: int = 16):
         """Load the base model (quantized as asked) and serve it bare under `base_name` (default: the
         base's folder name or hub id). Adapters come with `load_adapter`. `chat_format` is how the bare
-        base is prompted (default: Guanaco); `max_prompt_tokens` caps prompts below the context window;
-        `max_batch` is the most replies decoded in one forward pass (1: one reply at a time)."""
+        base is prompted: a ChatFormat, a registry name or .jinja file (`chatbuild.templates`), or None
+        for the base's own chat template when it has one, else Guanaco; `max_prompt_tokens` caps prompts
+        below the context window; `max_batch` is the most replies decoded in one forward pass (1: one
+        reply at a time)."""
         from chatbuild.modeling import load_base_model, load_tokenizer
 
         model = load_base_model(base, revision, quant, double_quant, compute_dtype, device, trust_remote_code,
                                 quant_storage=quant_storage)
-        self._setup(model, load_tokenizer(base, revision, trust_remote_code), base_name or _default_base_name(base),
-                    chat_format, max_prompt_tokens, max_batch)
+        tokenizer = load_tokenizer(base, revision, trust_remote_code)
+        if not isinstance(chat_format, ChatFormat):
+            chat_format = bare_base_format(tokenizer, chat_format)
+        self._setup(model, tokenizer, base_name or _default_base_name(base), chat_format, max_prompt_tokens, max_batch)
         self.base_key = (_normalized(base), revision, quant)  # what a run must be trained on to be served here
 
     @classmethod
@@ -130,14 +134,15 @@ class HFEngine:
 
     @classmethod
     def from_runs(cls, runs: Sequence[str | Path] = (), *, base: str | None = None, base_name: str | None = None,
-                  device: str | None = None, max_prompt_tokens: int | None = None,
+                  chat_format: str | None = None, device: str | None = None, max_prompt_tokens: int | None = None,
                   max_batch: int = 16) -> "HFEngine":
         """An engine serving run folders on their shared base, plus the bare base.
 
         All runs must name the same base, revision and quantization (one base per engine: start one
         server per base otherwise); the first run's remaining model settings (double quantization,
         compute dtype) are the engine's. `base` replaces the base path the runs name (e.g. a local copy of
-        the same model); with no runs it is the base to serve alone. Model names are the runs'
+        the same model); with no runs it is the base to serve alone. `chat_format` is how the bare base
+        is prompted (see `__init__`); each run is prompted in its own format. Model names are the runs'
         `config.name`, made unique with a -2, -3, ... suffix."""
         from chatbuild.config import ModelSettings
 
@@ -154,7 +159,7 @@ class HFEngine:
         m = loaded[0].config.model if loaded else ModelSettings(base=base)
         engine = cls(base or m.base, revision=m.revision, quant=m.quant, double_quant=m.double_quant,
                      compute_dtype=m.compute_dtype, quant_storage=m.quant_storage, trust_remote_code=m.trust_remote_code,
-                     device=device, base_name=base_name, chat_format=loaded[0].chat_format if loaded else None,
+                     device=device, base_name=base_name, chat_format=chat_format,
                      max_prompt_tokens=max_prompt_tokens, max_batch=max_batch)
         if loaded:
             engine.base_key = _run_key(loaded[0])  # what later runs must name, even when `base` moved it
@@ -267,7 +272,7 @@ class HFEngine:
         request = None
         try:
             tokenizer = served.tokenizer
-            eos = _eos_ids(tokenizer, self.model)
+            eos = _eos_ids(tokenizer, self.model) | stop_token_ids(served.chat_format, tokenizer)
             reply = ReplyText(tokenizer, [] if params.choices else [*served.chat_format.stop, *params.stop])
             pick = _token_picker(params, self.device)
             if params.choices:
