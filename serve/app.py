@@ -126,9 +126,9 @@ def _add_placeholder_root(app: FastAPI, why: str) -> None:
 class UIBodyLimit:
     """ASGI middleware in front of the UI (every route outside /v1, whose routes check their own
     bodies against `max_body_bytes`). A request body over `limit` bytes is answered 413 before the
-    app reads any of it; uploads (`uploads.UPLOAD_ROUTE`) may be up to `upload_limit`. A JSON body holding
-    a FileData that names a server file outside Gradio's upload folder is answered 400 before
-    Gradio copies that file into its cache (serve/uploads.py: one of three checks of that path).
+    app reads any of it; uploads (`uploads.UPLOAD_ROUTE`) may be up to `upload_limit`. A JSON
+    body holding a FileData that names a server file outside Gradio's upload folder is answered
+    400 before Gradio copies that file into its cache (one of two such checks: serve/uploads.py).
 
     A body that states its length is judged by its Content-Length (the server never delivers more);
     one that does not is judged as it arrives. Bodies other than uploads are read here, up to the
