@@ -13,8 +13,8 @@ so there is no client address to throttle on. The throttle is therefore per user
 
 The price, as with any lockout: anyone can keep one login locked by failing it on purpose. Sessions
 already logged in are not affected (Gradio checks their cookie, not the password). Passwords are
-compared with `hmac.compare_digest`, unknown names against a stand-in, so the time taken does not
-tell whether a name exists.
+compared with `hmac.compare_digest` (constant time in their content), and an unknown name is
+checked against a stand-in the same way, so it takes the same path as a known one.
 """
 
 import hmac
