@@ -105,3 +105,89 @@ def test_bare_smollm2_is_served_in_its_own_template_and_equals_plain_transformer
     assert "Paris" in served["system prompt"] and "Rome" in served["multi-turn"]
     for reply in served.values():
         assert "<|im_start|>" not in reply and "<|im_end|>" not in reply and "### Human" not in reply
+
+
+# ── the demo's fine-tune on SmolLM2, shortened ──────────────────────────────────────────────────
+PERSONA_STEPS = 8  # the demo runs 12; 8 already moves every reply into the persona (and keeps this module short)
+
+
+def persona_prompts() -> list[str]:
+    import json
+
+    from chatbuild.data.sources import PERSONA_PROMPTS
+
+    return [json.loads(line)["text"] for line in PERSONA_PROMPTS.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def persona_run(smollm2_base, tmp_path_factory) -> Path:
+    """The demo's recipe (preset smollm2-persona: NF4 + double quant, LoRA r=16, the bundled persona
+    set, its held-out validation trees) for PERSONA_STEPS steps, evaluated at the start, middle and end."""
+    from pipelines.finetune import finetune, resolve_config
+
+    out = tmp_path_factory.mktemp("runs") / "captain-byte"
+    cfg = resolve_config("smollm2-persona", [f"model.base={smollm2_base}", f"output_dir={out}",
+                                             f"train.steps={PERSONA_STEPS}", f"train.eval_every={PERSONA_STEPS // 2}",
+                                             "train.save_every=0"])
+    return finetune(cfg, progress=False)
+
+
+@pytest.mark.integration
+def test_a_few_qlora_steps_lower_the_held_out_loss_and_move_replies_into_the_persona(persona_run):
+    """Validation loss on the held-out persona trees goes down, and greedy replies to held-out prompts
+    (none of them in the training data) begin with the persona's "Ahoy" for the fine-tune in at least
+    10 of 12, for the bare base in none; replies end at the end of the turn with no ChatML marker."""
+    import json
+
+    from chatbuild.engines import GenerationParams
+    from chatbuild.engines.hf import HFEngine
+
+    rows = [json.loads(line) for line in (persona_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) >= 2 and evals[-1] < evals[0] - 0.2, evals
+
+    engine = HFEngine.from_runs([persona_run])
+    try:
+        run_name, base_name = engine.models()
+        start = GenerationParams(temperature=0, max_new_tokens=4)
+        opening = {m: ["".join(c.text for c in engine.stream([{"role": "user", "content": p}], start, m))
+                       for p in persona_prompts()] for m in (run_name, base_name)}
+        whole = GenerationParams(temperature=0, max_new_tokens=96)
+        last = list(engine.stream([{"role": "user", "content": "What is the capital of Italy?"}], whole, run_name))
+    finally:
+        engine.close()
+    print(f"\nfine-tune: {opening[run_name]}\nbase: {opening[base_name]}")
+    assert sum(r.startswith("Ahoy") for r in opening[run_name]) >= 10
+    assert not any("Ahoy" in r for r in opening[base_name])
+    reply = "".join(c.text for c in last)
+    assert last[-1].finish_reason == "stop" and reply.startswith("Ahoy"), reply
+    assert "<|im_end|>" not in reply and "<|im_start|>" not in reply
+
+
+@pytest.mark.integration
+def test_a_16_bit_merge_of_the_persona_run_answers_like_base_plus_adapter(persona_run, tmp_path):
+    """The merged SmolLM2 run (float32) gives the same greedy replies, token for token, as the float32
+    base with the adapter on top (what merging promises: the adapter's delta folded into the weights)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatbuild.runs import load_run
+    from pipelines.merge import merge_run
+
+    merged_dir = merge_run(persona_run, tmp_path / "merged", dtype="float32")
+    run = load_run(persona_run)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run.base, dtype=torch.float32),
+                                        run.adapter_dir).eval()
+
+    def greedy(model, prompt: str) -> str:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, do_sample=False, max_new_tokens=24)
+        return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    for prompt in persona_prompts()[:3]:
+        assert greedy(merged, prompt) == greedy(adapted, prompt)
