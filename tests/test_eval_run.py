@@ -186,15 +186,23 @@ def test_config_models_a_folder_beside_the_config_is_not_a_run(tmp_path):
 
 
 @pytest.mark.integration
-def test_the_demo_evaluation_step_runs(tiny_base, tiny_run, tmp_path, capsys):
-    """`chatbuild demo` step 3 as the demo runs it: its root holds the base folder beside eval.yaml."""
-    import shutil
-
+def test_the_demo_evaluation_step_runs_and_fills_the_served_leaderboard(tiny_run, tmp_path, capsys):
+    """`chatbuild demo` step 3 as the demo runs it: the run and its base answer over our own server,
+    the base judges, and the battles land in the database the served Leaderboard tab reads."""
+    from chatbuild import storage
     from chatbuild.demo import evaluate_demo
+    from chatbuild.runs import load_run
 
-    base = shutil.copytree(tiny_base, tmp_path / "tiny-base")
-    evaluate_demo(tmp_path, base, tiny_run)
+    db = tmp_path / "data" / "chatbuild.sqlite"
+    db.parent.mkdir()
+    evaluate_demo(tmp_path / "eval", tiny_run, db, answer_tokens=16, show_prompts=False)
     out = capsys.readouterr().out
     assert "3. ratings" in out and (tmp_path / "eval" / "leaderboard.json").is_file()
-    models = {json.loads(line)["model"] for line in (tmp_path / "eval" / "answers" / "tiny-base.jsonl").open()}
-    assert models == {"tiny-base"}
+    run_name = load_run(tiny_run).name
+    answers = {p.stem for p in (tmp_path / "eval" / "answers").glob("*.jsonl")}
+    assert run_name in answers and len(answers) == 2
+    stored = storage.list_battles(db, source=["judge"])
+    written = (tmp_path / "eval" / "battles.jsonl").read_text().splitlines()
+    assert len(stored) == len(written) > 0
+    assert {b["model_a"] for b in stored} | {b["model_b"] for b in stored} == answers
+    assert "battles stored in" in out
