@@ -38,7 +38,7 @@ class Flavour:
     answer_tokens: int
 
 
-REAL = Flavour("smollm2-persona", "captain-byte", "eval", 96)
+REAL = Flavour("smollm2-persona", "captain-byte", "eval", 64)
 TINY = Flavour("tiny-cpu", "tiny-guanaco", "eval-tiny", 48)
 
 
