@@ -143,6 +143,19 @@ def engine_error(e: Exception) -> APIError:
     return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="generation_failed")
 
 
+def require_key(api_key: str | None, request: Request) -> None:
+    """401 unless the request carries `Authorization: Bearer <api_key>` (nothing to check when
+    `api_key` is None). The comparison is `hmac.compare_digest` on bytes: constant time in the key."""
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
 # ── state shared by the routes ──────────────────────────────────────────────────────────────
 class Busy(Exception):
     pass
@@ -233,14 +246,7 @@ def add_api(app: FastAPI, state: ServeState) -> None:
         return state.engine
 
     def check_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        require_key(settings.api_key, request)
 
     @app.get("/healthz", tags=["health"])
     async def healthz():

@@ -16,7 +16,6 @@ In front of the UI's routes, `UIBodyLimit` refuses bodies over `max_ui_body_byte
 the upload limit) with 413 before they are read, and FileData naming server files with 400.
 """
 
-import hmac
 import importlib.util
 import json
 from contextlib import asynccontextmanager
@@ -27,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 import chatbuild
 from chatbuild.engines import ChatEngine
 from serve import uploads
-from serve.api import APIError, ServeState, add_api
+from serve.api import ServeState, add_api, require_key
 from serve.settings import Settings
 
 MULTIPART_MARGIN = 64 * 1024  # an upload's body: the file plus its multipart headers
@@ -73,15 +72,8 @@ def add_docs(app: FastAPI, settings: Settings) -> None:
     `curl -H "Authorization: Bearer $KEY" http://host:port/openapi.json`."""
     from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 
-    def check_key(request: Request) -> None:  # the same check and answers as /v1 (serve.api)
-        if settings.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    def check_key(request: Request) -> None:  # the same check and answers as /v1
+        require_key(settings.api_key, request)
 
     def schema_url(request: Request) -> str:
         return request.scope.get("root_path", "").rstrip("/") + "/openapi.json"

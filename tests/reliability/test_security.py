@@ -70,9 +70,10 @@ def test_the_key_is_compared_in_constant_time():
 
     from serve import api
 
-    source = inspect.getsource(api.add_api)
-    check = source[source.index("def check_key"):source.index("@app.get(\"/healthz\"")]
-    assert "hmac.compare_digest" in check and "== settings.api_key" not in check and "!= settings.api_key" not in check
+    check = inspect.getsource(api.require_key)
+    assert "hmac.compare_digest" in check and "== api_key" not in check and "!= api_key" not in check
+    routes = inspect.getsource(api.add_api)  # every /v1 route's check goes through it
+    assert "require_key(settings.api_key, request)" in routes
 
 
 # ── the UI login ───────────────────────────────────────────────────────────────────────────────
