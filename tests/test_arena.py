@@ -27,7 +27,9 @@ def scripted(tmp_path_factory):
     """(url, engine, db_path) of the app over a ScriptedEngine serving alpha, beta and gamma."""
     engine = ScriptedEngine(delay=0.005)
     db = tmp_path_factory.mktemp("arena") / "chatbuild.sqlite"
-    with serving(ui_app(engine, db, max_running=4)) as url:
+    # No vote rate limit here: these tests cast many votes from one session on purpose (the limit has
+    # its own tests in tests/reliability/test_attacks_arena.py).
+    with serving(ui_app(engine, db, max_running=4, max_votes_per_minute=0)) as url:
         yield url, engine, db
 
 

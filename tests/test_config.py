@@ -55,7 +55,10 @@ def test_bad_preset_files(tmp_path):
 
 def test_bundled_presets_resolve_and_hold_only_differences():
     names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-    assert names == ["guanaco-65b", "guanaco-7b", "tiny-cpu"]
+    assert names == ["guanaco-65b", "guanaco-7b", "smollm2-persona", "tiny-cpu"]
+    persona = yaml.safe_load((PRESETS / "smollm2-persona.yaml").read_text())  # resolving it would import SmolLM2
+    assert persona["model"]["base"] == "smollm2" and persona["data"]["train"] == "sample:persona"
+    assert persona["data"]["chat_format"] == "tokenizer"
     g65 = resolve_config("guanaco-65b", [])
     assert g65.train.lr == 1e-4 and g65.lora.dropout == 0.05 and g65.lora.r == 64
     g7 = resolve_config("guanaco-7b", [])

@@ -352,13 +352,16 @@ def test_chatbuild_serve_chat_format_is_checked_before_anything_loads():
 def test_the_recipe_reads_the_registry_and_saves_the_template(tiny_base, tmp_path):
     """A fine-tune in a .jinja format saves what serving needs to prompt exactly the same way: the
     template in chat_format.json and in the run's tokenizer, and the end-of-turn stop string."""
-    from conftest import finetune_tiny
     from transformers import AutoTokenizer
+
+    from pipelines.finetune import finetune, resolve_config
 
     template = tmp_path / "mine.jinja"
     template.write_text(MARKED_TEMPLATE)
-    run = finetune_tiny(tiny_base, tmp_path / "run", f"data.chat_format={template}", "train.steps=1",
-                        "train.eval_every=0", "train.save_every=0")
+    cfg = resolve_config("tiny-cpu", [f"model.base={tiny_base}", f"output_dir={tmp_path / 'run'}",
+                                      f"data.chat_format={template}", "train.steps=1", "train.eval_every=0",
+                                      "train.save_every=0"])
+    run = finetune(cfg, progress=False)
     fmt = ChatFormat.load(run / "chat_format.json")
     assert (fmt.name, fmt.stop, fmt.template) == ("jinja", ["<|end|>"], MARKED_TEMPLATE)
     assert AutoTokenizer.from_pretrained(run / "tokenizer").chat_template == MARKED_TEMPLATE
