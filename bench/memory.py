@@ -7,8 +7,8 @@
 Writes bench/results/memory-<gpu>-<date>.json (or --out). CUDA only: without a GPU it says so in
 one line and exits with status 2 (peaks of PyTorch's CUDA allocator are what is measured).
 
-Each shape is built directly in 4-bit with random weights (`chatbuild.shapes.build_random_4bit`, the
-same construction as ../shared/anchors/anchor_big_memory.py), LoRA attached with `attach_lora`
+Each shape is built directly in 4-bit with random weights (`chatbuild.shapes.build_random_4bit`: the
+layers created on the meta device and their weights quantized one at a time, never held in 16 bits), LoRA attached with `attach_lora`
 (r=64 on all linear layers, gradient checkpointing), paged AdamW 32-bit, micro-batch 1. Per sequence
 length and variant, three full steps run (`pipelines.finetune.accumulate_gradients`, clipping,
 optimizer step) after the peak counters are reset:

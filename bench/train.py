@@ -10,9 +10,9 @@ Writes bench/results/train-<gpu>-<date>.json (or --out) with the command, versio
 
 One run, one model shape, one data set and seed. The model is built directly in 4-bit with random
 weights (`chatbuild.shapes.build_random_4bit`), once for the baseline and once for chatbuild's
-variants (never both in memory), so the peaks are comparable with DESIGN.md's measured anchors.
+variants (never both in memory), so the peaks are comparable with the plain HF stack's figures.
 
-- baseline: exactly what ../shared/anchors configure: peft's `prepare_model_for_kbit_training` +
+- baseline: the plain HF stack configured like the official QLoRA recipe: peft's `prepare_model_for_kbit_training` +
   `get_peft_model` (LoRA on all linear layers), paged AdamW 32-bit, `model(**batch).loss` on a
   right-padded batch of the step's sequences, no gradient accumulation, no clipping;
 - chatbuild's variants run the real step functions of pipelines/finetune.py (`accumulate_gradients`,
