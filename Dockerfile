@@ -150,7 +150,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 1000
 WORKDIR /data
 EXPOSE 7860
-# The first start imports SmolLM2 and fine-tunes the demo run (about five minutes on two cores)
+# The first start imports SmolLM2 and fine-tunes the demo run (about three minutes on two cores)
 # before /healthz can answer; later starts find them in /data.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=15m --start-interval=5s --retries=3 \
     CMD ["python3", "/usr/local/bin/chatbuild-healthcheck"]
