@@ -17,7 +17,7 @@ The estimate adds up what the plain transformers + peft + bitsandbytes stack hol
 
 Shapes come from a model config (hub id or local folder, read with AutoConfig) or a named shape
 (`chatbuild.shapes`). The constants were checked against measured peaks of the plain stack
-(DESIGN.md "Measured anchors"); tests hold the planner to them.
+(docs/performance.md, "GPU training baseline"); tests hold the planner to them.
 """
 
 import math

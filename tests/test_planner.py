@@ -11,8 +11,8 @@ from chatbuild.planner import plan_memory
 from chatbuild.shapes import SHAPES, build_random_4bit, get_shape
 
 # Peak allocated GB of one training step of the plain HF QLoRA stack (NF4 + double quant, LoRA r=64
-# on all linear layers, gradient checkpointing, paged AdamW 32-bit), H100, from DESIGN.md's
-# "Measured anchors" (scripts in shared/anchors/).
+# on all linear layers, gradient checkpointing, paged AdamW 32-bit), H100, from
+# docs/performance.md ("GPU training baseline").
 MEASURED = [("llama-7b", 16, 512, 14.7), ("llama-7b", 1, 2048, 7.5), ("llama-33b", 1, 512, 23.0), ("llama-65b", 1, 512, 42.9)]
 
 
