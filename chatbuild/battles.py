@@ -21,6 +21,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from chatbuild.data.sources import read_jsonl
 from chatbuild.errors import UserError, where
 
 WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
@@ -48,28 +49,22 @@ def read_battles(path: str | Path, skip_invalid: bool = False) -> tuple[list[dic
     """Read a battles JSONL file. Returns (battles, skipped) where `skipped` counts skipped lines by
     reason (always empty unless `skip_invalid`). Raises UserError naming file:line otherwise."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such battles file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
     battles, skipped = [], Counter()
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problem = ("not JSON", f"not valid JSON ({e.msg})")
-        else:
-            problem = battle_problem(obj)
+
+    def refuse(n: int, reason: str, message: str) -> None:
+        if not skip_invalid:
+            raise UserError(f"{where(path, n)}: {message} (use --skip-invalid to skip such lines)")
+        skipped[reason] += 1
+
+    def not_json(n: int, detail: str, last: bool) -> None:
+        refuse(n, "not JSON", f"not valid JSON ({detail})")
+
+    for n, obj in read_jsonl(path, "battles file", not_json):
+        problem = battle_problem(obj)
         if problem:
-            if not skip_invalid:
-                raise UserError(f"{where(path, n)}: {problem[1]} (use --skip-invalid to skip such lines)")
-            skipped[problem[0]] += 1
-            continue
-        battles.append(obj)
+            refuse(n, *problem)
+        else:
+            battles.append(obj)
     if not battles:
         detail = f" ({describe_skipped(skipped)})" if skipped else ""
         raise UserError(f"{path}: no battles in this file{detail}")

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatbuild.data.sources import read_jsonl
 from chatbuild.errors import UserError, where
 from eval.client import run_concurrently
 from eval.questions import Question, load_questions
@@ -83,21 +84,14 @@ def read_answers(path: str | Path) -> list[dict]:
     """Read an answers JSONL file; each record needs question_id, model and answer. Errors name
     file:line, except a broken last line (a write cut short by an interrupted run), which is dropped."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
+
+    def not_json(n: int, detail: str, last: bool) -> None:
+        if not last:
+            raise UserError(f"{where(path, n)}: not valid JSON ({detail})")
+        print(f"{where(path, n)}: dropping a cut-off last line", file=sys.stderr)
+
     out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                print(f"{where(path, n)}: dropping a cut-off last line", file=sys.stderr)
-                continue
-            raise UserError(f"{where(path, n)}: not valid JSON ({e.msg})") from None
+    for n, rec in read_jsonl(path, "answers file", not_json):
         if not isinstance(rec, dict) or not all(k in rec for k in ("question_id", "model", "answer")):
             raise UserError(f'{where(path, n)}: an answer needs "question_id", "model" and "answer"')
         if not isinstance(rec["answer"], str) or not isinstance(rec["model"], str):

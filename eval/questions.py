@@ -16,16 +16,16 @@ strings and must be unique within a file.
 """
 
 import hashlib
-import json
 import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatbuild.data.sources import SAMPLE_DIR, read_jsonl
 from chatbuild.errors import UserError, where
 
-DEMO = Path(__file__).resolve().parent.parent / "chatbuild" / "data" / "sample" / "questions.jsonl"
+DEMO = SAMPLE_DIR / "questions.jsonl"
 VICUNA_URL = "https://raw.githubusercontent.com/artidoro/qlora/main/eval/prompts/vicuna_questions.jsonl"
 VICUNA_SHA256 = "590c39157bc561eadd7f03cad4be18c2b597f93029780af65f86718f39eafa87"
 
@@ -62,18 +62,12 @@ def load_questions(spec: str | Path) -> list[Question]:
 def read_questions(path: str | Path) -> list[Question]:
     """Read a questions JSONL file; errors name file:line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
+
+    def not_json(n: int, detail: str, last: bool) -> None:
+        raise UserError(f"{where(path, n)}: not valid JSON ({detail})")
+
     out, seen = [], {}
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where(path, n)}: not valid JSON ({e.msg})") from None
+    for n, obj in read_jsonl(path, "questions file", not_json):
         q = _question(obj, where(path, n))
         if q.question_id in seen:
             raise UserError(f"{where(path, n)}: duplicate question_id {q.question_id!r} (first at line {seen[q.question_id]})")

@@ -19,7 +19,7 @@ each knowing its location for error messages. Nothing here knows what a record m
 import gzip
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +89,38 @@ def read_records(source: str) -> Iterator[Record]:
     if path.is_dir() or _HUB_ID.match(source):
         return _read_dataset(source)
     raise UserError(f"{source}: no such file, and not a hub dataset id (like OpenAssistant/oasst1)")
+
+
+def read_jsonl(path: str | Path, what: str = "file",
+               on_error: Callable[[int, str, bool], None] | None = None) -> Iterator[tuple[int, object]]:
+    """(line number, value) for every non-blank line of the UTF-8 JSON-lines file `path`, in order: the
+    one reader of the JSONL files that are not training data (battles, answers, questions).
+
+    A line that does not parse raises UserError "FILE:LINE: malformed JSON (<what> at column <c>)";
+    with `on_error`, `on_error(line, detail, last)` is called instead (detail: "<what> at column <c>")
+    and the line skipped. It may raise an error of its own; `last` says the line is the file's last
+    non-blank one, which is what an interrupted append leaves cut off. A missing file raises
+    "FILE: no such `what`", an unreadable one "FILE: cannot read (...)"."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            detail = f"{e.msg} at column {e.colno}"
+            if on_error is None:
+                raise UserError(f"{where(path, n)}: malformed JSON ({detail})") from None
+            on_error(n, detail, n == last)
+            continue
+        yield n, value
 
 
 def _read_json(path: Path, compressed: bool) -> Iterator[Record]:
