@@ -29,6 +29,11 @@ Methods:
   `rank_upper_bound`: 1 + the number of models whose interval lies entirely above this one's
   (FastChat's "rank (UB)"): the best rank the data cannot rule out.
 - `leaderboard`: one call for the CLI and the UI: ratings, intervals, battle counts, ranks.
+
+`METHODS` is the registry of rating methods ("paper", "elo", "bt"): each entry's rating function, its
+default bootstrap rounds, its own interval (if it has one) and a one-line description. The command
+line's --method choices, the eval config check and the Leaderboard tab all read it, so a new method is
+one function and one entry here.
 """
 
 import math
@@ -39,7 +44,6 @@ import numpy as np
 
 BASE = 1000.0
 SCALE = 400.0  # Elo points per factor of 10 in the odds
-METHODS = ("paper", "elo", "bt")
 SCORE_OF = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5}  # per chatbuild.battles.WINNERS
 ORDERING_CHUNK = 1024  # orderings advanced together per pass (bounds memory at ~3 x n x 1024 x 8 bytes)
 
@@ -288,6 +292,65 @@ def win_rates(battles) -> tuple[tuple[str, ...], np.ndarray]:
         return t.models, np.where(games > 0, w / games, np.nan)
 
 
+# ── the registry of rating methods ─────────────────────────────────────────────────────────────
+K = 32.0  # the QLoRA paper's K factor, the default of every Elo method
+PERMUTATIONS = 10_000  # orderings the paper's Elo averages over (the paper's N)
+
+
+def _rate_paper(t: BattleTable, k: float, permutations: int, seed: int) -> dict[str, float]:
+    return compute_paper_elo(t, k=k, permutations=permutations, seed=seed)
+
+
+def _rate_elo(t: BattleTable, k: float, permutations: int, seed: int) -> dict[str, float]:
+    return compute_elo(t, k=k)
+
+
+def _rate_bt(t: BattleTable, k: float, permutations: int, seed: int) -> dict[str, float]:
+    return compute_bt(t)
+
+
+def _paper_interval(t: BattleTable, k: float, permutations: int, seed: int):
+    """The paper's "±": the mean over orderings with a 95% interval of that mean (1.96·sd/√N)."""
+    runs = paper_elo_runs(t, k=k, permutations=permutations, seed=seed)
+    ratings = runs.mean(axis=0)
+    half = 1.96 * runs.std(axis=0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else np.zeros(len(t.models))
+    return ratings, ratings - half, ratings + half
+
+
+@dataclass(frozen=True)
+class Method:
+    """One rating method of the registry.
+
+    `rate(table, k=, permutations=, seed=)` → {model: rating} (a method ignores the settings it does not
+    use); `bootstrap_rounds`: the default rounds of bootstrap intervals (0: none); `interval(table, k=,
+    permutations=, seed=)` → (ratings, low, high) arrays in `table.models` order: the method's own
+    interval, used when there is no bootstrap; `about`: one line, with {k:g} and {permutations:,}
+    filled in from the settings; `interval_about`: what that own interval measures."""
+
+    rate: Callable[..., dict[str, float]]
+    bootstrap_rounds: int
+    about: str
+    interval: Callable | None = None
+    interval_about: str | None = None
+
+    def describe(self, k: float = K, permutations: int = PERMUTATIONS) -> str:
+        return self.about.format(k=k, permutations=permutations)
+
+
+METHODS: dict[str, Method] = {
+    "paper": Method(_rate_paper, 0, "the QLoRA paper's Elo: mean over {permutations:,} random orderings, K={k:g}, "
+                    "start 1000", _paper_interval, "± is the 95% interval of the mean over orderings"),
+    "elo": Method(_rate_elo, 0, "online Elo in file order, K={k:g}, start 1000"),
+    "bt": Method(_rate_bt, 100, "Bradley–Terry maximum likelihood on the Elo scale (mean 1000; 400 points = 10:1 odds)"),
+}
+DEFAULT_METHOD = "paper"
+
+
+def method_choices() -> str:
+    """'paper, elo, bt': for help texts and error messages."""
+    return ", ".join(METHODS)
+
+
 # ── the leaderboard ────────────────────────────────────────────────────────────────────────────
 @dataclass
 class Rating:
@@ -302,40 +365,33 @@ class Rating:
     rank: int
 
 
-def leaderboard(battles, method: str = "paper", *, k: float = 32.0, permutations: int = 10_000,
+def leaderboard(battles, method: str = DEFAULT_METHOD, *, k: float = K, permutations: int = PERMUTATIONS,
                 bootstrap_rounds: int | None = None, seed: int = 0) -> list[Rating]:
-    """Ratings of every model, best first.
+    """Ratings of every model, best first, by a `METHODS` entry.
 
     Intervals (95%):
     - `bootstrap_rounds` > 0: percentile bootstrap over battles, for any method (for `paper` each
       round averages over `permutations` orderings, so the cost multiplies);
-    - default rounds: 100 for `bt`, 0 for `elo` and `paper`;
-    - `paper` without bootstrap: the paper's "±", a 95% interval for the mean over orderings
-      (1.96·sd/√N). It measures only the noise of the orderings, not of the battles;
-    - `elo` without bootstrap: none.
+    - default rounds: the method's (100 for `bt`, 0 for `elo` and `paper`);
+    - no bootstrap: the method's own interval where it has one (`paper`: the paper's "±", a 95%
+      interval for the mean over orderings, 1.96·sd/√N; it measures only the noise of the
+      orderings, not of the battles), else none (`elo`).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown rating method {method!r}; expected one of {METHODS}")
+        raise ValueError(f"unknown rating method {method!r}; expected one of {method_choices()}")
+    spec = METHODS[method]
     t = battle_table(battles)
     if not len(t):
         return []
     if bootstrap_rounds is None:
-        bootstrap_rounds = 100 if method == "bt" else 0
+        bootstrap_rounds = spec.bootstrap_rounds
 
     def rate(table: BattleTable) -> dict[str, float]:
-        if method == "elo":
-            return compute_elo(table, k=k)
-        if method == "bt":
-            return compute_bt(table)
-        return compute_paper_elo(table, k=k, permutations=permutations, seed=seed)
+        return spec.rate(table, k=k, permutations=permutations, seed=seed)
 
     low = high = None
-    if method == "paper":
-        runs = paper_elo_runs(t, k=k, permutations=permutations, seed=seed)
-        ratings = runs.mean(axis=0)
-        if not bootstrap_rounds:
-            half = 1.96 * runs.std(axis=0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else np.zeros(len(t.models))
-            low, high = ratings - half, ratings + half
+    if not bootstrap_rounds and spec.interval is not None:
+        ratings, low, high = spec.interval(t, k=k, permutations=permutations, seed=seed)
     else:
         got = rate(t)
         ratings = np.array([got[name] for name in t.models])

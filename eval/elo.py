@@ -24,22 +24,21 @@ import sys
 from pathlib import Path
 
 from chatbuild.errors import UserError
-
-DESCRIPTION = {
-    "paper": "the QLoRA paper's Elo: mean over {permutations:,} random orderings, K={k:g}, start 1000",
-    "elo": "online Elo in file order, K={k:g}, start 1000",
-    "bt": "Bradley–Terry maximum likelihood on the Elo scale (mean 1000; 400 points = 10:1 odds)",
-}
+from chatbuild.leaderboard import interval_text
+from chatbuild.ratings import DEFAULT_METHOD, METHODS, PERMUTATIONS, K, method_choices
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("battles", nargs="+", metavar="BATTLES.jsonl", help="battles JSONL file(s); several are pooled")
-    p.add_argument("--method", choices=("paper", "elo", "bt"), default="paper", help="rating method (default: paper)")
-    p.add_argument("--permutations", type=int, default=10_000, help="orderings averaged by --method paper (default: 10000)")
+    p.add_argument("--method", choices=tuple(METHODS), default=DEFAULT_METHOD,
+                   help=f"rating method: {method_choices()} (default: {DEFAULT_METHOD})")
+    p.add_argument("--permutations", type=int, default=PERMUTATIONS,
+                   help=f"orderings averaged by --method paper (default: {PERMUTATIONS})")
+    rounds = ", ".join(f"{m.bootstrap_rounds} for {name}" for name, m in METHODS.items())
     p.add_argument("--bootstrap", type=int, default=None, metavar="N",
-                   help="bootstrap rounds for 95%% intervals (default: 100 for bt, 0 otherwise)")
+                   help=f"bootstrap rounds for 95%% intervals (default: {rounds})")
     p.add_argument("--seed", type=int, default=0, help="random seed for orderings and resampling (default: 0)")
-    p.add_argument("--k", type=float, default=32.0, help="Elo K factor for paper and elo (default: 32, the paper's)")
+    p.add_argument("--k", type=float, default=K, help=f"Elo K factor for paper and elo (default: {K:g}, the paper's)")
     p.add_argument("--json", action="store_true", help="print the ratings as JSON instead of a table")
     p.add_argument("--plot", metavar="PNG", default=None, help="draw ratings with intervals and the win-rate heat map")
     p.add_argument("--markdown", metavar="MD", default=None, help="write the leaderboard as a Markdown table")
@@ -73,86 +72,35 @@ def table(rows) -> str:
     width = max(5, *(len(r.model) for r in rows))
     lines = [f"{'rank':>4}  {'model':<{width}}  {'rating':>7}  {'95% interval':>17}  {'battles':>7}"]
     for r in rows:
-        lines.append(f"{r.rank:>4}  {r.model:<{width}}  {r.rating:>7.1f}  {_interval(r):>17}  {r.battles:>7}")
+        lines.append(f"{r.rank:>4}  {r.model:<{width}}  {r.rating:>7.1f}  {interval_text(r):>17}  {r.battles:>7}")
     return "\n".join(lines)
-
-
-def _interval(r) -> str:
-    if _finite(r.ci_low) is None or _finite(r.ci_high) is None:
-        return "–"
-    return f"{r.ci_low:.1f} – {r.ci_high:.1f}"
 
 
 def markdown(rows, title: str) -> str:
     lines = [f"{title}\n", "| Rank (UB) | Model | Rating | 95% interval | Battles |", "|---:|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.rank} | {r.model} | {r.rating:.1f} | {_interval(r)} | {r.battles} |")
+        lines.append(f"| {r.rank} | {r.model} | {r.rating:.1f} | {interval_text(r)} | {r.battles} |")
     return "\n".join(lines) + "\n"
-
-
-def plot(rows, battles, path: str | Path, title: str) -> None:
-    """Two panels: ratings with their intervals, and the observed win-rate heat map."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    from chatbuild.ratings import win_rates
-
-    order = [r.model for r in rows]
-    models, rates = win_rates(battles)
-    idx = [models.index(m) for m in order]
-    rates = rates[np.ix_(idx, idx)]
-    n = len(order)
-    fig = Figure(figsize=(6 + 0.9 * n, 1.5 + 0.45 * n + 2), dpi=110, layout="constrained")
-    left, right = fig.subplots(1, 2, width_ratios=[1, 1.2])
-    y = np.arange(n)[::-1]
-    ratings = np.array([r.rating for r in rows])
-    left.scatter(ratings, y, color="tab:blue", zorder=3)
-    has_ci = [_finite(r.ci_low) is not None for r in rows]
-    if any(has_ci):
-        lo = np.array([r.ci_low if ok else r.rating for r, ok in zip(rows, has_ci)])
-        hi = np.array([r.ci_high if ok else r.rating for r, ok in zip(rows, has_ci)])
-        left.errorbar(ratings, y, xerr=[ratings - lo, hi - ratings], fmt="none", ecolor="tab:blue", capsize=4)
-    left.set_yticks(y, order)
-    left.set_xlabel("rating")
-    left.grid(axis="x", alpha=0.3)
-    left.set_title("ratings (95% intervals)" if any(has_ci) else "ratings")
-    im = right.imshow(rates, cmap="RdBu", vmin=0, vmax=1)
-    right.set_xticks(range(n), order, rotation=45, ha="right")
-    right.set_yticks(range(n), order)
-    right.set_xlabel("opponent")
-    right.set_title("win rate of row vs column (ties ½)")
-    for i in range(n):
-        for j in range(n):
-            if not np.isnan(rates[i, j]):
-                right.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                           color="white" if abs(rates[i, j] - 0.5) > 0.3 else "black")
-    fig.colorbar(im, ax=right, shrink=0.8)
-    fig.suptitle(title, fontsize=10)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
 
 
 def leaderboard_files(battles: list[dict], method: str, permutations: int, bootstrap: int | None, seed: int,
                       k: float, plot_path=None, markdown_path=None, json_path=None):
     """Compute the leaderboard and write whichever files are asked for. Returns (rows, title)."""
+    from chatbuild.leaderboard import caption, leaderboard_plot
     from chatbuild.ratings import leaderboard
 
     if permutations < 1 or (bootstrap is not None and bootstrap < 0) or k <= 0:
         raise UserError("--permutations must be >= 1, --bootstrap >= 0 and --k > 0")
     rows = leaderboard(battles, method, k=k, permutations=permutations, bootstrap_rounds=bootstrap, seed=seed)
-    rounds = bootstrap if bootstrap is not None else (100 if method == "bt" else 0)
-    title = DESCRIPTION[method].format(permutations=permutations, k=k) + f"; {len(battles):,} battles"
-    if rounds:
-        title += f"; 95% intervals from {rounds} bootstrap rounds"
-    elif method == "paper":
-        title += "; ± is the 95% interval of the mean over orderings"
+    title = caption(method, len(battles), k, permutations, bootstrap)
     if json_path:
         Path(json_path).write_text(json.dumps(as_json(method, rows), indent=2) + "\n")
     if markdown_path:
         Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
         Path(markdown_path).write_text(markdown(rows, title))
     if plot_path:
-        plot(rows, battles, plot_path, title)
+        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+        leaderboard_plot(rows, battles, title).savefig(plot_path, bbox_inches="tight")
     return rows, title
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from chatbuild.errors import UserError
+from chatbuild.errors import ConfigError, UserError
+from chatbuild.ratings import DEFAULT_METHOD, METHODS, PERMUTATIONS, K, method_choices
 
 
 @dataclass
@@ -62,10 +63,10 @@ class JudgeSettings:
 
 @dataclass
 class RatingSettings:
-    method: str = "paper"  # paper | elo | bt
-    permutations: int = 10_000
-    bootstrap: int | None = None  # default: 100 for bt, 0 otherwise
-    k: float = 32.0
+    method: str = DEFAULT_METHOD  # a chatbuild.ratings.METHODS name: paper | elo | bt
+    permutations: int = PERMUTATIONS
+    bootstrap: int | None = None  # default: the method's (100 for bt, 0 otherwise)
+    k: float = K
     seed: int = 0
 
 
@@ -131,8 +132,8 @@ def check(cfg: EvalConfig, path) -> None:
         raise UserError(f"{path}: models: an evaluation needs at least two models, got {len(cfg.models)}")
     if not cfg.judge.url or not cfg.judge.model:
         raise UserError(f"{path}: judge.url and judge.model are required (an OpenAI-compatible judge)")
-    if cfg.ratings.method not in ("paper", "elo", "bt"):
-        raise UserError(f'{path}: ratings.method "{cfg.ratings.method}" is not one of paper, elo, bt')
+    if cfg.ratings.method not in METHODS:
+        raise ConfigError("ratings.method", f'"{cfg.ratings.method}" is not one of {method_choices()}', str(path))
     from eval.answers import check_sampling
 
     g = cfg.generation

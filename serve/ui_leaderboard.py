@@ -2,7 +2,7 @@
 
 Bradley–Terry ratings on the Elo scale with 95% bootstrap intervals, via `chatbuild.ratings`
 (the same code as `chatbuild eval elo`), the battle count per model, and two pictures: the interval
-plot and the win-rate heat map. Filters: source (human votes, judge verdicts) and "anonymous battles
+plot and the win-rate heat map (`chatbuild.leaderboard`, which draws the PNG of `eval elo` too). Filters: source (human votes, judge verdicts) and "anonymous battles
 only", on by default: arena votes cast in named mode, where the voter picked both models by name,
 are left out (as FastChat's arena rates anonymous battles only), since one person can pick a
 favourite and vote for it turn after turn. Judge verdicts carry no such mark and always count.
@@ -10,16 +10,16 @@ Recomputed when the tab is opened and on Refresh. API name: `/leaderboard`.
 """
 
 import io
-import math
 
 import gradio as gr
 
-from chatbuild import ratings, storage
+from chatbuild import leaderboard, ratings, storage
 from serve.ui_common import UIContext
 
 SOURCES = ["human", "judge", "import"]
 COLUMNS = ["Rank (UB)", "Model", "Rating", "95% interval", "Battles"]
-BOOTSTRAP_ROUNDS = 100
+METHOD = "bt"  # a `chatbuild.ratings.METHODS` entry: order-free, with bootstrap intervals
+BOOTSTRAP_ROUNDS = ratings.METHODS[METHOD].bootstrap_rounds
 FEW_BATTLES = 20  # below this many battles a model's rating is flagged as not yet trustworthy
 
 
@@ -58,7 +58,7 @@ def render(battles: list[dict], sources, anonymous_only: bool):
                if anonymous_only else " Arena votes cast in named mode (both models picked by name) are included.")
     if not battles:
         return f"No battles stored yet ({what}). Vote in the Arena tab to add some.{counted}", [], None, None
-    rows = ratings.leaderboard(battles, method="bt", bootstrap_rounds=BOOTSTRAP_ROUNDS)
+    rows = ratings.leaderboard(battles, method=METHOD, bootstrap_rounds=BOOTSTRAP_ROUNDS)
     summary = (f"**{len(battles)}** battles ({what}) between **{len(rows)}** models · Bradley–Terry ratings "
                f"on the Elo scale (mean 1000), 95% bootstrap intervals over {BOOTSTRAP_ROUNDS} resamples; "
                f"rank (UB) is the best rank the intervals allow.{counted}")
@@ -66,24 +66,13 @@ def render(battles: list[dict], sources, anonymous_only: bool):
     if few:  # true to the maths, but a rating from a handful of battles is mostly noise: say so
         summary += (f" ⚠️ Too few battles to trust yet for {', '.join(few)} (under {FEW_BATTLES} each): "
                     "their ratings can swing by hundreds of points with the next vote.")
-    table = [[r.rank, r.model, round(r.rating, 1), _interval(r), r.battles] for r in rows]
-    return summary, table, interval_plot(rows), heat_map(*ratings.win_rates(battles), order=[r.model for r in rows])
-
-
-def _interval(r) -> str:
-    if r.ci_low is None or math.isnan(r.ci_low):
-        return "–"
-    return f"{r.ci_low:.0f} – {r.ci_high:.0f} (−{r.rating - r.ci_low:.0f}/+{r.ci_high - r.rating:.0f})"
+    table = [[r.rank, r.model, round(r.rating, 1), leaderboard.interval_text(r, 0, offsets=True), r.battles]
+             for r in rows]
+    return (summary, table, _to_image(leaderboard.interval_plot(rows, "rating (Bradley–Terry, Elo scale)")),
+            _to_image(leaderboard.heat_map(battles, [r.model for r in rows])))
 
 
 # ── pictures ───────────────────────────────────────────────────────────────────────────────────
-def _figure(width: float, height: float):
-    # A bare Figure (no pyplot): no GUI backend, no global state shared between request threads.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
 def _to_image(fig):
     from PIL import Image
 
@@ -91,42 +80,3 @@ def _to_image(fig):
     fig.savefig(buf, format="png")
     buf.seek(0)
     return Image.open(buf).convert("RGB")
-
-
-def interval_plot(rows):
-    """Ratings as points with their 95% intervals as error bars, best at the top."""
-    fig = _figure(6, 1.2 + 0.45 * len(rows))
-    ax = fig.add_subplot()
-    names = [r.model for r in rows][::-1]
-    values = [r.rating for r in rows][::-1]
-    low = [r.rating - r.ci_low if r.ci_low is not None else 0 for r in rows][::-1]
-    high = [r.ci_high - r.rating if r.ci_high is not None else 0 for r in rows][::-1]
-    ax.errorbar(values, range(len(rows)), xerr=[low, high], fmt="o", color="#4f46e5", ecolor="#a5b4fc",
-                elinewidth=3, capsize=4)
-    ax.set_yticks(range(len(rows)), names)
-    ax.axvline(1000, color="#9ca3af", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("rating (Bradley–Terry, Elo scale)")
-    ax.set_title("Ratings with 95% intervals", loc="left", fontsize=11)
-    ax.grid(axis="x", alpha=0.3)
-    return _to_image(fig)
-
-
-def heat_map(models, rates, order):
-    """Win-rate matrix: cell (i, j) is the share of i's battles against j that i won (ties half)."""
-    index = [models.index(m) for m in order]
-    rates = rates[index][:, index]
-    n = len(order)
-    fig = _figure(1.8 + 0.9 * n, 1.2 + 0.8 * n)
-    ax = fig.add_subplot()
-    image = ax.imshow(rates, cmap="RdBu", vmin=0, vmax=1)
-    ax.set_xticks(range(n), order, rotation=30, ha="right")
-    ax.set_yticks(range(n), order)
-    ax.set_xlabel("opponent")
-    ax.set_title("Win rate, row vs column", loc="left", fontsize=11)
-    for i in range(n):
-        for j in range(n):
-            if not math.isnan(rates[i, j]):
-                ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=9,
-                        color="white" if abs(rates[i, j] - 0.5) > 0.3 else "black")
-    fig.colorbar(image, ax=ax, shrink=0.8, label="win rate")
-    return _to_image(fig)

@@ -146,3 +146,42 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     assert json.loads(captured.out)["ratings"][0]["battles"] == 1
     assert main(["eval", "elo", str(f), "--skip-invalid", "--permutations", "0"]) == 2
     assert "--permutations must be >= 1" in capsys.readouterr().err
+
+
+def test_a_new_rating_method_is_one_registry_entry(tmp_path, monkeypatch, capsys):
+    """Registering a method in chatbuild.ratings.METHODS is all it takes: `eval elo --method` offers
+    it and computes with it, and the eval config check accepts it."""
+    from chatbuild import ratings
+    from chatbuild.errors import ConfigError
+    from eval.run import EvalConfig, JudgeSettings, RatingSettings, check
+
+    def wins(table, k, permutations, seed):  # a model's rating: 1000 + its wins (ties half)
+        w = ratings.win_matrix(table).sum(axis=1)
+        return {m: 1000.0 + float(x) for m, x in zip(table.models, w)}
+
+    cfg = EvalConfig(models=["a@http://x", "b@http://x"], judge=JudgeSettings(url="http://j", model="j"),
+                     ratings=RatingSettings(method="wins"))
+    with pytest.raises(ConfigError, match=r'ratings\.method "wins" is not one of paper, elo, bt$') as e:
+        check(cfg, "e.yaml")
+    assert e.value.key == "ratings.method"
+    monkeypatch.setitem(ratings.METHODS, "wins", ratings.Method(wins, 0, "1000 + wins, ties half"))
+
+    check(cfg, "e.yaml")
+    with pytest.raises(SystemExit):
+        main(["eval", "elo", "--help"])
+    assert "{paper,elo,bt,wins}" in capsys.readouterr().out
+    f = battles_file(tmp_path / "b.jsonl")
+    assert main(["eval", "elo", str(f), "--method", "wins"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("1000 + wins, ties half; 60 battles\n") and "1031.0" in printed  # x: 31 of its 40 battles
+
+
+def test_interval_text():
+    from chatbuild.leaderboard import interval_text
+    from chatbuild.ratings import Rating
+
+    row = Rating("x", 1010.0, 980.25, 1050.0, 12, 1)
+    assert interval_text(row) == "980.2 – 1050.0"
+    assert interval_text(row, 0, offsets=True) == "980 – 1050 (−30/+40)"
+    assert interval_text(Rating("x", 1010.0, None, None, 12, 1)) == "–"
+    assert interval_text(Rating("x", 1010.0, float("nan"), float("nan"), 12, 1)) == "–"
