@@ -329,7 +329,7 @@ class Builder:
             try:
                 cfg = load_config(preset_path(preset), [f"{key}={text}"])
             except UserError as e:
-                errors[key] = _without_source(str(e), key)
+                errors[key] = _field_error(e, key)[1]
                 continue
             section, field = key.split(".")
             parsed[key] = getattr(getattr(cfg, section), field)
@@ -345,9 +345,8 @@ class Builder:
             try:
                 load_config(preset_path(preset), self.overrides(values, data))
             except UserError as e:  # a rule across fields (batch size vs micro-batch, ...)
-                message = str(e)
-                key = next((k for k in FIELDS if message.startswith(k) or f"({k}" in message or f"{k} (" in message), None)
-                errors[key or "settings"] = _without_source(message, key)
+                field, message = _field_error(e)
+                errors[field] = message
         if "model.base" not in errors and (base.startswith(("/", ".")) or Path(base).exists()) \
                 and not (Path(base) / "config.json").is_file() \
                 and not (base.lower().endswith(".gguf") and Path(base).is_file()):  # imported when the job starts
@@ -519,16 +518,14 @@ def _context_window(base: str) -> int | None:
         return None
 
 
-def _without_source(message: str, key: str | None) -> str:
-    """'lora.r: must be > 0, got 0' or 'PRESET + command line: lora.r must be int, got 'x'' →
-    'must be ...', for display next to the field."""
-    message = re.sub(r"^.*?command line: ", "", message)
-    if key:
-        for lead in (key + ":", key + " must"):
-            if message.startswith(lead):
-                message = ("must" if lead.endswith("must") else "") + message[len(lead):]
-                message = message.strip()
-    return message
+def _field_error(e: UserError, field: str | None = None) -> tuple[str, str]:
+    """(form field, message) for a configuration error: a `ConfigError` about `field` (with `field`
+    None: about any field of the form) lands there as just its problem ("must be > 0, got 0"); any
+    other error as a whole sentence, on `field` or else on "settings"."""
+    key = getattr(e, "key", None)
+    if key is not None and (key == field or (field is None and key in FIELDS)):
+        return key, e.problem
+    return field or "settings", f"{key}: {e.problem}" if key is not None else str(e)
 
 
 def _shape_of(base: str):

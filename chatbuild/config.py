@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from chatbuild.errors import UserError
+from chatbuild.errors import ConfigError, UserError
 from chatbuild.templates import check_format_name
 
 
@@ -111,23 +111,23 @@ POSITIVE = ("lora.r", "lora.alpha", "data.max_length", "train.steps", "train.bat
 
 
 def check(cfg: RunConfig) -> RunConfig:
-    """Value checks that types alone don't express. Raises UserError naming the key."""
+    """Value checks that types alone don't express. Raises ConfigError naming the key."""
     flat = to_dict(cfg)
     for key, allowed in CHOICES.items():
         value = _get(flat, key)
         if value not in allowed:
-            raise UserError(f'{key}: "{value}" is not one of {", ".join(allowed)}')
+            raise ConfigError(key, f'"{value}" is not one of {", ".join(allowed)}')
     check_format_name(cfg.data.chat_format, "data.chat_format")  # the registry's names, or a .jinja file
     for key in POSITIVE:
         if not _get(flat, key) > 0:
-            raise UserError(f"{key}: must be > 0, got {_get(flat, key)}")
+            raise ConfigError(key, f"must be > 0, got {_get(flat, key)}")
     if not 0 <= cfg.lora.dropout < 1:
-        raise UserError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+        raise ConfigError("lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
     if not 0 <= cfg.data.val_fraction < 1:
-        raise UserError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+        raise ConfigError("data.val_fraction", f"must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.train.batch_size % cfg.train.micro_batch_size:
-        raise UserError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
-                        f"train.micro_batch_size ({cfg.train.micro_batch_size})")
+        raise ConfigError("train.batch_size", f"must be a multiple of train.micro_batch_size "
+                                              f"({cfg.train.micro_batch_size}), got {cfg.train.batch_size}")
     if cfg.model.double_quant and cfg.model.quant not in ("nf4", "fp4"):
         # Double quantization is a 4-bit feature; with int8/none it is simply not applied.
         cfg.model.double_quant = False
@@ -226,7 +226,7 @@ def _coerce(value, hint, key: str, source: str):
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
                 return value
     names = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options)
-    raise UserError(f"{source}: {key} must be {names}, got {value!r}")
+    raise ConfigError(key, f"must be {names}, got {value!r}", source)
 
 
 # ── saving ─────────────────────────────────────────────────────────────────────────────────────
