@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from chatbuild.errors import ConfigError, UserError
-from chatbuild.templates import check_format_name
+from chatbuild.templates import DEFAULT_FORMAT, check_format_name
 
 
 @dataclass
@@ -57,7 +57,7 @@ class DataSettings:
     max_length: int = 512
     train_on_prompts: bool = False  # True: the paper's whole-text loss; False: assistant turns only
     batching: str = "grouped"  # grouped (length-grouped padding) | packed (padding-free)
-    chat_format: str = "guanaco"  # guanaco | tokenizer | chatml | llama3 | a .jinja file (chatbuild.templates.FORMATS)
+    chat_format: str = DEFAULT_FORMAT  # a chatbuild.templates.FORMATS name (guanaco, tokenizer, ...) or a .jinja file
     system_prompt: str | None = None
 
 

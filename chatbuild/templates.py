@@ -19,6 +19,10 @@ The formats, one registry (`FORMATS`) that the config check, the command lines a
 - a `.jinja` file: a chat template of your own (the file's text is saved in chat_format.json, so the
   run folder keeps working without the file); its end-of-turn marker is read off it like "tokenizer"'s.
 
+Adding a format is one `FormatSpec` entry in `FORMATS` (a Jinja template and its stop strings, or a
+render function): the config check, `chatbuild data inspect --chat-format`, `chatbuild serve
+--chat-format` and `ChatFormat` all read the registry. `DEFAULT_FORMAT` is the config's default.
+
 A stop string that is one token of the tokenizer (`<|im_end|>`, `<|eot_id|>` in their own families)
 also ends a reply as a token id (`stop_token_ids`): special tokens never reach the reply text, so
 their string would never be seen there.
@@ -32,10 +36,11 @@ same rendering cut where the next assistant reply begins, so training and servin
 """
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chatbuild.errors import UserError
+from chatbuild.errors import ConfigError, UserError
 
 IGNORE_INDEX = -100  # the label that CrossEntropyLoss (and transformers) skips
 
@@ -63,22 +68,74 @@ LLAMA3_TEMPLATE = (
 )
 
 
+# ── Guanaco's rendering rules (the registry below points at them) ───────────────────────────────
+def _render_guanaco(tokenizer, messages, add_generation_prompt):
+    """Guanaco's lines by hand (see the module docstring), with the reply spans `render` returns."""
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    parts, spans, n = [bos], [], len(bos)
+    for m in messages:
+        if m["role"] == "system":
+            piece = m["content"] + "\n"
+        elif m["role"] == "user":
+            piece = f"{GUANACO_HUMAN} {m['content']}\n"
+        else:
+            # The reply starts at the space after the header: the prompt ends with the header, so the
+            # first thing the model produces is " <reply>".
+            start = n + len(GUANACO_ASSISTANT)
+            piece = f"{GUANACO_ASSISTANT} {m['content']}{eos}\n"
+            spans.append((start, n + len(piece) - 1))
+        parts.append(piece)
+        n += len(piece)
+    if add_generation_prompt:
+        parts.append(GUANACO_ASSISTANT)
+    return "".join(parts), spans
+
+
+def guanaco_jinja_template() -> str:
+    """The Guanaco format as a Jinja chat template, for tokenizers we build (the tiny base).
+
+    Renders exactly what `render(ChatFormat("guanaco"), ...)` renders for the same messages."""
+    return (
+        "{{ bos_token }}"
+        "{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+        "{% elif m['role'] == 'user' %}" + GUANACO_HUMAN + " {{ m['content'] }}\n"
+        "{% elif m['role'] == 'assistant' %}" + GUANACO_ASSISTANT + " {{ m['content'] }}{{ eos_token }}\n"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}" + GUANACO_ASSISTANT + "{% endif %}"
+    )
+
+
+# ── the registry ───────────────────────────────────────────────────────────────────────────────
 @dataclass(frozen=True)
 class FormatSpec:
-    """One entry of the chat-format registry."""
+    """One entry of the chat-format registry: everything about a format lives here.
 
-    template: str | None  # Jinja chat template; None: rendered by hand (guanaco) or the tokenizer's own
-    stop: tuple[str, ...]  # strings that end a reply besides EOS (more are read off "tokenizer" templates)
+    Rendering: `render(tokenizer, messages, add_generation_prompt)` → (text, reply spans), a format
+    rendered by hand; else `template`, a Jinja chat template rendered by transformers; else (with
+    `from_tokenizer`) the base tokenizer's own template. `stop`: strings that end a reply besides EOS
+    (a `from_tokenizer` format reads its end-of-turn marker off the template instead). `saved_template`:
+    the chat template a run's tokenizer is saved with when it has none of its own, for a format that
+    has no `template` (Guanaco's, so a bare `apply_chat_template` renders what was trained)."""
+
     about: str
+    stop: tuple[str, ...] = ()
+    template: str | None = None
+    render: Callable[..., tuple[str, list[tuple[int, int]]]] | None = None
+    from_tokenizer: bool = False
+    saved_template: str | None = None
 
 
-FORMATS = {
-    "guanaco": FormatSpec(None, (GUANACO_HUMAN,), "the QLoRA paper's ### Human: / ### Assistant: lines"),
-    "tokenizer": FormatSpec(None, (), "the base tokenizer's own chat template"),
-    "chatml": FormatSpec(CHATML_TEMPLATE, ("<|im_end|>", "<|im_start|>"), "<|im_start|>role ... <|im_end|>"),
-    "llama3": FormatSpec(LLAMA3_TEMPLATE, ("<|eot_id|>", "<|start_header_id|>"),
-                         "<|start_header_id|>role<|end_header_id|> ... <|eot_id|>"),
+FORMATS: dict[str, FormatSpec] = {
+    "guanaco": FormatSpec("the QLoRA paper's ### Human: / ### Assistant: lines", (GUANACO_HUMAN,),
+                          render=_render_guanaco, saved_template=guanaco_jinja_template()),
+    "tokenizer": FormatSpec("the base tokenizer's own chat template", from_tokenizer=True),
+    "chatml": FormatSpec("<|im_start|>role ... <|im_end|>", ("<|im_end|>", "<|im_start|>"), CHATML_TEMPLATE),
+    "llama3": FormatSpec("<|start_header_id|>role<|end_header_id|> ... <|eot_id|>", ("<|eot_id|>", "<|start_header_id|>"),
+                         LLAMA3_TEMPLATE),
 }
+DEFAULT_FORMAT = "guanaco"  # for bases without a chat template of their own, and the config's default
+TOKENIZER = "tokenizer"  # the name a bare base with a chat template is served under (`bare_base_format`)
 JINJA = "jinja"  # ChatFormat.name of a format read from a user's .jinja file
 MAX_TEMPLATE_BYTES = 64 * 1024  # a chat template is a few hundred bytes; anything near this is not one
 
@@ -92,10 +149,10 @@ def format_choices() -> str:
 class ChatFormat:
     """How conversations become text. Saved as `chat_format.json` in every run folder."""
 
-    name: str = "guanaco"  # a FORMATS name, or "jinja" (then `template` holds the file's text)
+    name: str = DEFAULT_FORMAT  # a FORMATS name, or "jinja" (then `template` holds the file's text)
     system_prompt: str | None = None  # used when a conversation brings no system message
-    stop: list[str] = field(default_factory=lambda: [GUANACO_HUMAN])  # strings that end a reply
-    template: str | None = None  # the Jinja template of chatml, llama3 and .jinja formats
+    stop: list[str] = field(default_factory=lambda: list(FORMATS[DEFAULT_FORMAT].stop))  # strings that end a reply
+    template: str | None = None  # the Jinja template of template formats (chatml, llama3) and .jinja files
 
     def __post_init__(self):
         if self.name not in FORMATS and self.name != JINJA:
@@ -123,7 +180,7 @@ def check_format_name(value: str, key: str = "data.chat_format") -> None:
     if value in FORMATS:
         return
     if not str(value).lower().endswith(".jinja"):
-        raise UserError(f'{key}: "{value}" is not one of {format_choices()}')
+        raise ConfigError(key, f'"{value}" is not one of {format_choices()}')
     read_template_file(value, key)
 
 
@@ -132,36 +189,38 @@ def read_template_file(path: str | Path, key: str = "data.chat_format") -> str:
     valid Jinja (compiled in transformers' sandbox, the one that renders it later)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"{key}: {path}: no such .jinja file")
+        raise ConfigError(key, f"{path}: no such .jinja file")
     if path.stat().st_size > MAX_TEMPLATE_BYTES:
-        raise UserError(f"{key}: {path}: {path.stat().st_size:,} bytes; a chat template has at most "
-                        f"{MAX_TEMPLATE_BYTES:,}")
+        raise ConfigError(key, f"{path}: {path.stat().st_size:,} bytes; a chat template has at most "
+                               f"{MAX_TEMPLATE_BYTES:,}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{key}: {path}: not a readable UTF-8 text file ({e})") from None
+        raise ConfigError(key, f"{path}: not a readable UTF-8 text file ({e})") from None
     from jinja2 import TemplateError
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     try:
         _compile_jinja_template(text)
     except TemplateError as e:
-        raise UserError(f"{key}: {path}: not a valid Jinja template (line {getattr(e, 'lineno', '?')}: {e})") from None
+        raise ConfigError(key, f"{path}: not a valid Jinja template (line {getattr(e, 'lineno', '?')}: {e})") from None
     return text
 
 
 def make_format(value: str, system_prompt: str | None = None, tokenizer=None, key: str = "data.chat_format") -> ChatFormat:
     """The ChatFormat for a registry name or a .jinja file path, with its stop strings.
 
-    "tokenizer" and .jinja formats read their end-of-turn marker off the template, which needs the
-    `tokenizer` (its BOS/EOS tokens appear in the rendering); "tokenizer" needs one with a template."""
+    `from_tokenizer` formats ("tokenizer") and .jinja files read their end-of-turn marker off the
+    template, which needs the `tokenizer` (its BOS/EOS tokens appear in the rendering); a
+    `from_tokenizer` format needs one with a template."""
     check_format_name(value, key)
     if value in FORMATS:
         spec = FORMATS[value]
-        if value == "tokenizer":
+        if spec.from_tokenizer:
             if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-                raise UserError(f'{key}: "tokenizer" needs a base whose tokenizer has a chat template; this one has '
-                                "none (use " + ", ".join(n for n in FORMATS if n != "tokenizer") + " or a .jinja file)")
+                others = ", ".join(n for n, f in FORMATS.items() if not f.from_tokenizer)
+                raise ConfigError(key, f'"{value}" needs a base whose tokenizer has a chat template; this one has '
+                                       f"none (use {others} or a .jinja file)")
             stop = end_of_turn(tokenizer, tokenizer.chat_template) if tokenizer is not None else []
             return ChatFormat(name=value, system_prompt=system_prompt, stop=stop)
         return ChatFormat(name=value, system_prompt=system_prompt, stop=list(spec.stop))
@@ -172,14 +231,26 @@ def make_format(value: str, system_prompt: str | None = None, tokenizer=None, ke
 
 def bare_base_format(tokenizer, value: str | None = None, key: str = "--chat-format") -> ChatFormat:
     """How a bare base is prompted: `value` (a registry name or .jinja file) if given, else the base's
-    own chat template when it has one, else Guanaco. A template that is Guanaco's (the tiny base's)
-    counts as Guanaco, so its stop string comes with it."""
+    own chat template when it has one, else the default (Guanaco). A template that is the default's
+    saved one (the tiny base's) counts as the default, so its stop string comes with it."""
     if value is not None:
         return make_format(value, tokenizer=tokenizer, key=key)
     template = getattr(tokenizer, "chat_template", None)
-    if template and template != guanaco_jinja_template():
-        return make_format("tokenizer", tokenizer=tokenizer)
+    if template and template != FORMATS[DEFAULT_FORMAT].saved_template:
+        return make_format(TOKENIZER, tokenizer=tokenizer)
     return ChatFormat()
+
+
+def saved_chat_template(fmt: ChatFormat, tokenizer) -> str | None:
+    """The chat template to save a run's tokenizer with, so it renders what was trained on; None: keep
+    the tokenizer's own (a `from_tokenizer` format, or one without a template of its own while the
+    tokenizer has one)."""
+    if fmt.template is not None:
+        return fmt.template
+    spec = FORMATS.get(fmt.name)
+    if spec is not None and spec.saved_template and not getattr(tokenizer, "chat_template", None):
+        return spec.saved_template
+    return None
 
 
 def end_of_turn(tokenizer, template: str) -> list[str]:
@@ -203,21 +274,6 @@ def stop_token_ids(fmt: ChatFormat, tokenizer) -> set[int]:
         if len(encoded) == 1:
             ids.add(encoded[0])
     return ids
-
-
-def guanaco_jinja_template() -> str:
-    """The Guanaco format as a Jinja chat template, for tokenizers we build (the tiny base).
-
-    Renders exactly what `render(ChatFormat("guanaco"), ...)` renders for the same messages."""
-    return (
-        "{{ bos_token }}"
-        "{% for m in messages %}"
-        "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
-        "{% elif m['role'] == 'user' %}" + GUANACO_HUMAN + " {{ m['content'] }}\n"
-        "{% elif m['role'] == 'assistant' %}" + GUANACO_ASSISTANT + " {{ m['content'] }}{{ eos_token }}\n"
-        "{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}" + GUANACO_ASSISTANT + "{% endif %}"
-    )
 
 
 def check_messages(messages: list[dict], where: str = "conversation") -> None:
@@ -253,38 +309,18 @@ def render(fmt: ChatFormat, tokenizer, messages: list[dict], add_generation_prom
     """Render a conversation to (text, spans): spans are (start, end) character ranges of what the
     assistant says, each including its end-of-turn marker (EOS)."""
     messages = _with_system(fmt, messages)
-    if fmt.name == "guanaco":
-        return _render_guanaco(tokenizer, messages, add_generation_prompt)
+    spec = FORMATS.get(fmt.name)
+    if spec is not None and spec.render is not None:
+        return spec.render(tokenizer, messages, add_generation_prompt)
     return _render_with_template(tokenizer, fmt.template, messages, add_generation_prompt)
-
-
-def _render_guanaco(tokenizer, messages, add_generation_prompt):
-    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
-    parts, spans, n = [bos], [], len(bos)
-    for m in messages:
-        if m["role"] == "system":
-            piece = m["content"] + "\n"
-        elif m["role"] == "user":
-            piece = f"{GUANACO_HUMAN} {m['content']}\n"
-        else:
-            # The reply starts at the space after the header: the prompt ends with the header, so the
-            # first thing the model produces is " <reply>".
-            start = n + len(GUANACO_ASSISTANT)
-            piece = f"{GUANACO_ASSISTANT} {m['content']}{eos}\n"
-            spans.append((start, n + len(piece) - 1))
-        parts.append(piece)
-        n += len(piece)
-    if add_generation_prompt:
-        parts.append(GUANACO_ASSISTANT)
-    return "".join(parts), spans
 
 
 def _render_with_template(tokenizer, template, messages, add_generation_prompt):
     """`template` (None: the tokenizer's own) rendered by transformers, with the reply spans found by
     rendering each prefix of the conversation."""
     if template is None and not getattr(tokenizer, "chat_template", None):
-        raise UserError('chat format "tokenizer" needs a tokenizer with a chat template; this one has none '
-                        '(use chat_format "guanaco")')
+        raise UserError(f'chat format "{TOKENIZER}" needs a tokenizer with a chat template; this one has none '
+                        f'(use chat_format "{DEFAULT_FORMAT}")')
 
     def apply(msgs, gen):
         return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
@@ -297,7 +333,7 @@ def _render_with_template(tokenizer, template, messages, add_generation_prompt):
         before, upto = apply(messages[:i], True), apply(messages[: i + 1], False)
         if not (upto.startswith(before) and text.startswith(upto)):
             raise UserError("the tokenizer's chat template does not render conversations incrementally "
-                            "(an earlier turn changes when a later one is added); use chat_format \"guanaco\"")
+                            f'(an earlier turn changes when a later one is added); use chat_format "{DEFAULT_FORMAT}"')
         spans.append((len(before), len(upto)))
     return text, spans
 

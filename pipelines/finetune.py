@@ -159,7 +159,7 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
         load_tokenizer,
         vocab_mismatch,
     )
-    from chatbuild.templates import guanaco_jinja_template, make_format
+    from chatbuild.templates import make_format, saved_chat_template
 
     # ── processes ──
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -207,10 +207,8 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
     tokenizer = load_tokenizer(cfg.model.base, cfg.model.revision, cfg.model.trust_remote_code)
     fmt = make_format(cfg.data.chat_format, cfg.data.system_prompt, tokenizer)  # the registry: templates.FORMATS
     # The saved tokenizer renders what we trained on.
-    if fmt.name == "guanaco" and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = guanaco_jinja_template()
-    elif fmt.template is not None:
-        tokenizer.chat_template = fmt.template
+    if (template := saved_chat_template(fmt, tokenizer)) is not None:
+        tokenizer.chat_template = template
     train_set = tokenize_conversations(train_convs, fmt, tokenizer, cfg.data.max_length, cfg.data.train_on_prompts)
     val_set = tokenize_conversations(val_convs, fmt, tokenizer, cfg.data.max_length, cfg.data.train_on_prompts)
     train_set = [e for e in train_set if any(label != -100 for label in e.labels[1:])]

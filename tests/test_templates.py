@@ -365,3 +365,40 @@ def test_the_recipe_reads_the_registry_and_saves_the_template(tiny_base, tmp_pat
     fmt = ChatFormat.load(run / "chat_format.json")
     assert (fmt.name, fmt.stop, fmt.template) == ("jinja", ["<|end|>"], MARKED_TEMPLATE)
     assert AutoTokenizer.from_pretrained(run / "tokenizer").chat_template == MARKED_TEMPLATE
+
+
+# Vicuna v1.1's conversation shape, as a Jinja template: a format the registry does not ship.
+VICUNA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
+    "{% elif m['role'] == 'user' %}{{ 'USER: ' + m['content'] + '\\n' }}"
+    "{% else %}{{ 'ASSISTANT: ' + m['content'] + eos_token + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_a_new_chat_format_is_one_registry_entry(monkeypatch, tokenizer, capsys):
+    """Registering a format in FORMATS is all it takes: the config check, the data CLI's and serve's
+    --chat-format help, `make_format` and the renderers pick it up."""
+    from chatbuild.cli import main
+    from chatbuild.config import load_config
+    from chatbuild.errors import ConfigError
+    from chatbuild.templates import FormatSpec
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.chat_format=vicuna"])
+    assert e.value.key == "data.chat_format"
+    monkeypatch.setitem(FORMATS, "vicuna", FormatSpec("USER: ... ASSISTANT: ...", ("USER:",), VICUNA_TEMPLATE))
+
+    assert load_config(None, ["data.chat_format=vicuna"]).data.chat_format == "vicuna"
+    for argv in (["data", "inspect", "--help"], ["serve", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "llama3, vicuna or a .jinja file" in " ".join(capsys.readouterr().out.split())
+    fmt = make_format("vicuna", tokenizer=tokenizer)
+    assert (fmt.name, fmt.stop, fmt.template) == ("vicuna", ["USER:"], VICUNA_TEMPLATE)
+    assert ChatFormat("vicuna").template == VICUNA_TEMPLATE
+    text, spans = render(fmt, tokenizer, CONV[:2])
+    assert [text[a:b] for a, b in spans] == [f" I am fine.\nThanks!{tokenizer.eos_token}\n"]  # what is trained
+    assert "USER: Hi there, how are you?\nASSISTANT: I am fine.\nThanks!" in text
+    assert tokenizer.decode(prompt_ids(fmt, tokenizer, CONV[:1])).endswith("ASSISTANT:")

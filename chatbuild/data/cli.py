@@ -21,7 +21,7 @@ from chatbuild.data import (
     write_conversations,
 )
 from chatbuild.errors import UserError
-from chatbuild.templates import format_choices
+from chatbuild.templates import DEFAULT_FORMAT, format_choices
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,9 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _source_arguments(insp)
     insp.add_argument("--tokenizer", metavar="PATH",
                       help="measure lengths in this tokenizer's tokens (default: whitespace-separated words)")
-    insp.add_argument("--chat-format", default="guanaco", metavar="FORMAT",
+    insp.add_argument("--chat-format", default=DEFAULT_FORMAT, metavar="FORMAT",
                       help=f"with --tokenizer: render conversations in this chat format: {format_choices()} "
-                           "(default guanaco)")
+                           f"(default {DEFAULT_FORMAT})")
     insp.add_argument("--plot", metavar="PNG", help="also draw the histograms into this PNG file")
 
 
