@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from chatbuild.config import RunConfig, load_config, read_config, save_config
-from chatbuild.errors import UserError
+from chatbuild.errors import ConfigError, UserError
 from pipelines.finetune import PRESETS, resolve_config
 
 
@@ -39,6 +39,22 @@ def test_layers_preset_then_overrides(tmp_path):
 def test_mistakes_are_named(override, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         resolve_config(None, [override])
+
+
+@pytest.mark.parametrize("override, key, problem, message", [
+    ("train.steps=0", "train.steps", "must be > 0, got 0", "train.steps: must be > 0, got 0"),
+    ("model.quant=nf5", "model.quant", '"nf5" is not one of nf4, fp4, int8, none', None),
+    ("lora.r=x", "lora.r", "must be int, got 'x'", "command line: lora.r must be int, got 'x'"),
+    ("train.micro_batch_size=3", "train.batch_size", "must be a multiple of train.micro_batch_size (3), got 16", None),
+    ("data.chat_format=vicuna", "data.chat_format", '"vicuna" is not one of guanaco, tokenizer, chatml, llama3 or a '
+                                                    ".jinja file", None),
+])
+def test_config_errors_carry_their_key(override, key, problem, message):
+    """A form shows `problem` beside the field of `key`; the message reads as it always did."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert (e.value.key, e.value.problem) == (key, problem)
+    assert str(e.value) == (message or f"{key}: {problem}")
 
 
 def test_bad_preset_files(tmp_path):

@@ -102,3 +102,21 @@ def test_vicuna_offline_says_how_to_pass_the_file(tmp_path, monkeypatch):
 def test_pinned_source():
     assert qs.VICUNA_URL == "https://raw.githubusercontent.com/artidoro/qlora/main/eval/prompts/vicuna_questions.jsonl"
     assert qs.VICUNA_SHA256 == "590c39157bc561eadd7f03cad4be18c2b597f93029780af65f86718f39eafa87"
+
+
+def test_the_one_jsonl_reader(tmp_path):
+    """`read_jsonl`: (line, value) for non-blank lines; bad lines name file:line, or go to `on_error`,
+    which learns whether the line is the last one (a cut-off append)."""
+    from chatbuild.data.sources import read_jsonl
+
+    f = tmp_path / "r.jsonl"
+    f.write_text('{"a": 1}\n\n[2]\n{"cut\n')
+    with pytest.raises(UserError, match=r"r\.jsonl:4: malformed JSON \(Unterminated string .* at column 2\)$"):
+        list(read_jsonl(f))
+    seen = []
+    assert list(read_jsonl(f, on_error=lambda *bad: seen.append(bad))) == [(1, {"a": 1}), (3, [2])]
+    assert [(n, last) for n, _, last in seen] == [(4, True)]
+    f.write_text('nope\n{"a": 1}\n')
+    assert list(read_jsonl(f, on_error=lambda *bad: seen.append(bad)))[0] == (2, {"a": 1}) and seen[-1][2] is False
+    with pytest.raises(UserError, match=r"nope\.jsonl: no such questions file$"):
+        list(read_jsonl(tmp_path / "nope.jsonl", "questions file"))
