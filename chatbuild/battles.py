@@ -1,6 +1,6 @@
 """Battles JSONL: the one table every leaderboard is computed from.
 
-One JSON object per line, in FastChat's clean-battle shape (DESIGN.md, "Formats"):
+One JSON object per line, in FastChat's clean-battle shape (README, "Evaluation files"):
 
     {"question_id": 12, "model_a": "guanaco-7b", "model_b": "vicuna-13b",
      "winner": "model_a", "judge": "gpt-4", "tstamp": 1732000000.0, ...}

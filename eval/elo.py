@@ -4,7 +4,7 @@
     chatbuild eval elo battles.jsonl --method bt --json    # Bradley–Terry with bootstrap intervals
     chatbuild eval elo judge.jsonl arena.jsonl --plot lb.png --markdown lb.md
 
-Methods (the math is `chatbuild.ratings`):
+Methods (the registry and the math: `chatbuild.ratings.METHODS`; the pictures: `chatbuild.leaderboard`):
 - paper (default): start 1000, K=32, ties 0.5, mean over --permutations random orderings (10,000);
   interval: the paper's ±, a 95% interval of that mean (only the ordering noise), or with
   --bootstrap N percentile intervals over resampled battles;
