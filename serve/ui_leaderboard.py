@@ -2,10 +2,11 @@
 
 Bradley–Terry ratings on the Elo scale with 95% bootstrap intervals, via `chatbuild.ratings`
 (the same code as `chatbuild eval elo`), the battle count per model, and two pictures: the interval
-plot and the win-rate heat map (`chatbuild.leaderboard`, which draws the PNG of `eval elo` too). Filters: source (human votes, judge verdicts) and "anonymous battles
-only", on by default: arena votes cast in named mode, where the voter picked both models by name,
-are left out (as FastChat's arena rates anonymous battles only), since one person can pick a
-favourite and vote for it turn after turn. Judge verdicts carry no such mark and always count.
+plot and the win-rate heat map, drawn by `chatbuild.leaderboard` (which draws `eval elo`'s PNG too).
+Filters: source (human votes, judge verdicts) and "anonymous battles only", on by default: arena
+votes cast in named mode, where the voter picked both models by name, are left out (as FastChat's
+arena rates anonymous battles only), since one person can pick a favourite and vote for it turn
+after turn. Judge verdicts carry no such mark and always count.
 Recomputed when the tab is opened and on Refresh. API name: `/leaderboard`.
 """
 
