@@ -210,8 +210,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints."""
-    for _, p in _checkpoints(run_dir)[:-keep]:
+    """Delete all but the newest `keep` whole checkpoints (a folder without state.json is none of them)."""
+    whole = [p for _, p in _checkpoints(run_dir) if (p / "state.json").is_file()]
+    for p in whole[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
 
 
