@@ -42,7 +42,7 @@ def test_a_job_runs_to_completion_in_its_own_process(manager, tiny_base, tmp_pat
     assert is_run(done.run_dir)
     p = done.progress()
     assert p["step"] == 2 and p["steps"] == 2 and p["loss"] is not None
-    assert "pipelines.finetune" in done.log_tail(200)
+    assert "-m chatbuild.cli finetune" in done.log_tail(200)  # the installed entry, not a source tree
 
 
 def test_one_job_per_device_the_rest_queue(manager, tiny_base, tmp_path):
