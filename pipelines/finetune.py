@@ -12,6 +12,9 @@ Launch:
     python -m pipelines.finetune tiny-cpu                        # the same, without the console script
     torchrun --nproc_per_node 2 -m pipelines.finetune tiny-cpu   # data parallel, one process per device
 
+The run folder is written through `chatbuild.runs`, its one owner (prepare, checkpoints, metrics,
+plot, card, final files); this file only decides what goes into it.
+
 Why an explicit loop rather than transformers' Trainer: it is shorter than the Trainer configuration
 and callbacks it would replace, and it owns what this recipe promises — exact resume (adapter,
 optimizer, scheduler, RNG and position in the data), token-weighted loss across accumulation steps
