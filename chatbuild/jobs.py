@@ -125,14 +125,14 @@ class JobKind:
 
     name: str
     arguments: Callable[[str, str, list[str], bool], list[str]]
-    command: Callable[["Job"], list[str]]
+    command: Callable[[Job], list[str]]
     makes_run: bool
     fresh_output: bool
     finished: Callable[[Path], bool]
     progress: Callable[[Path], dict]
 
 
-def _finetune_command(job: "Job") -> list[str]:
+def _finetune_command(job: Job) -> list[str]:
     args = [a for a in job.overrides if not (job.resume and a == "--overwrite")]
     return ["finetune", *([job.preset] if job.preset else []), *args, "--no-progress", *(["--resume"] if job.resume else [])]
 
