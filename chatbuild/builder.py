@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatbuild.errors import UserError
-from chatbuild.jobs import Job, JobManager
+from chatbuild.jobs import Job, JobManager, job_kind
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "presets"
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".parquet")
@@ -172,7 +172,7 @@ class Builder:
     def start(self, interval: float = 1.0) -> None:
         """Serve the runs earlier jobs finished (a restarted server), then run the queue."""
         for job in self.jobs.jobs():
-            if job.kind == "finetune" and job.status == "done":
+            if job_kind(job.kind).makes_run and job.status == "done":
                 self._serve(job)
         self.jobs.start(interval)
 
@@ -447,7 +447,7 @@ class Builder:
         """After a job settles: serve a finished run; store an evaluation's battles."""
         if job.status != "done":
             return None
-        if job.kind == "finetune":
+        if job_kind(job.kind).makes_run:
             return self._serve(job)
         from chatbuild import storage
 
@@ -472,7 +472,7 @@ class Builder:
 
 def progress_of(job: Job) -> dict:
     """A job's progress for the tab: fraction done, step/steps, loss, tokens/s, memory, curves."""
-    p = job.progress() if job.kind == "finetune" else {"step": 0, "steps": None, "train": [], "eval": []}
+    p = job.progress()  # what the job's kind reports (chatbuild.jobs.JOB_KINDS)
     if job.status == "done":
         fraction = 1.0
     elif p.get("steps"):

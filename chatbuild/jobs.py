@@ -2,10 +2,12 @@
 server restarts.
 
 The Builder tab submits jobs here; it never trains inside the web server's process. A job is one
-child process with its own log file, started in its own session so it outlives a server restart:
+child process with its own log file, started in its own session so it outlives a server restart.
+Every kind runs through the installed `chatbuild` command line (so a wheel install works without
+the source tree); `JOB_KINDS` is the one table of kinds:
 
-    kind "finetune"   python -m pipelines.finetune PRESET key=value ...   (writes a run folder)
-    kind "eval"       python -m chatbuild.cli eval run CONFIG.yaml         (writes an eval folder)
+    kind "finetune"   python -m chatbuild.cli finetune PRESET key=value ...   (writes a run folder)
+    kind "eval"       python -m chatbuild.cli eval run CONFIG.yaml            (writes an eval folder)
 
 States: queued → running → done | failed | cancelled. A cancelled or failed job can be resumed (it
 goes back to queued and continues from its last checkpoint). One job runs at a time per device by
@@ -35,9 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatbuild import runs
 from chatbuild.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
 
@@ -65,7 +67,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 # columns added after the first release of the table, for databases made before them
 LATER_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT 'finetune'", "note": "TEXT", "owner": "TEXT"}
-KINDS = ("finetune", "eval")
 # Environment variables no job inherits from the server: API keys, UI logins, tokens, passwords (a
 # word of the name, so TOKENIZERS_PARALLELISM stays), and URLs with a password in them. What a job's
 # kind does need comes back through `JobManager(env=...)`.
@@ -102,26 +103,77 @@ class Job:
             return ""
 
     def progress(self) -> dict:
-        """Latest metrics of the run: step, total steps, loss, tokens/s, memory, eval losses."""
-        metrics = Path(self.run_dir) / "metrics.jsonl"
-        rows = []
-        if metrics.is_file():
-            for line in metrics.read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line being written right now
-        train = [r for r in rows if "loss" in r]
-        total = None
-        cfg = Path(self.run_dir) / "config.yaml"
-        if cfg.is_file():
-            import yaml
+        """What its kind reports while it runs: step, total steps (None: unknown), loss, tokens/s,
+        memory, and the train and eval loss curves as (step, loss) pairs."""
+        return job_kind(self.kind).progress(Path(self.run_dir))
 
-            total = (yaml.safe_load(cfg.read_text()) or {}).get("train", {}).get("steps")
-        last = train[-1] if train else {}
-        return {"step": last.get("step", 0), "steps": total, "loss": last.get("loss"), "tokens_per_s": last.get("tokens_per_s"),
-                "memory_gb": last.get("memory_gb"), "train": [(r["step"], r["loss"]) for r in train],
-                "eval": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]}
+
+# ── job kinds ───────────────────────────────────────────────────────────────────────────────────
+@dataclass(frozen=True)
+class JobKind:
+    """Everything the manager (and the Builder, through `job_kind`) knows about one kind of job.
+
+    arguments(name, out, args, overwrite): the arguments stored with a submitted job, `args` the
+        caller's; this is where the kind puts its output folder `out` (for a fine-tune, output_dir=)
+    command(job): its `chatbuild` command line after the program name, e.g. ["finetune", ...]; a
+        job put back in the queue (job.resume) continues rather than starting again
+    makes_run: its output folder is a run folder (chatbuild.runs) once finished, so it can be served
+    fresh_output: a submission refuses an output folder that already holds something (unless overwrite)
+    finished(out): whether its output folder holds a finished result (a job that died unwatched)
+    progress(out): what it reports while it runs (`Job.progress`)
+    """
+
+    name: str
+    arguments: Callable[[str, str, list[str], bool], list[str]]
+    command: Callable[[Job], list[str]]
+    makes_run: bool
+    fresh_output: bool
+    finished: Callable[[Path], bool]
+    progress: Callable[[Path], dict]
+
+
+def _finetune_command(job: Job) -> list[str]:
+    args = [a for a in job.overrides if not (job.resume and a == "--overwrite")]
+    return ["finetune", *([job.preset] if job.preset else []), *args, "--no-progress", *(["--resume"] if job.resume else [])]
+
+
+def _training_progress(run_dir: Path) -> dict:
+    """A run folder's latest metrics (runs.read_metrics) and its total steps (config.yaml)."""
+    rows = runs.read_metrics(run_dir)
+    train = [r for r in rows if "loss" in r]
+    cfg = runs.read_run_config(run_dir)
+    last = train[-1] if train else {}
+    return {"step": last.get("step", 0), "steps": cfg.train.steps if cfg else None, "loss": last.get("loss"),
+            "tokens_per_s": last.get("tokens_per_s"), "memory_gb": last.get("memory_gb"),
+            "train": [(r["step"], r["loss"]) for r in train],
+            "eval": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]}
+
+
+def _no_progress(out: Path) -> dict:
+    """An evaluation reports no steps; its log says how far it is."""
+    return {"step": 0, "steps": None, "loss": None, "tokens_per_s": None, "memory_gb": None, "train": [], "eval": []}
+
+
+JOB_KINDS: dict[str, JobKind] = {k.name: k for k in (
+    JobKind("finetune",
+            arguments=lambda name, out, args, overwrite: [*args, f"output_dir={out}", f"name={name}",
+                                                          *(["--overwrite"] if overwrite else [])],
+            command=_finetune_command, makes_run=True, fresh_output=True, finished=runs.is_run,
+            progress=_training_progress),
+    # Rerunning an evaluation resumes it (answers and judgments are kept); its config names its folder.
+    JobKind("eval",
+            arguments=lambda name, out, args, overwrite: list(args),
+            command=lambda job: ["eval", "run", *job.overrides], makes_run=False, fresh_output=False,
+            finished=lambda out: (out / "leaderboard.json").is_file(), progress=_no_progress),
+)}
+KINDS = tuple(JOB_KINDS)
+
+
+def job_kind(name: str) -> JobKind:
+    """The kind called `name`; UserError for one that does not exist."""
+    if name not in JOB_KINDS:
+        raise UserError(f'job kind "{name}" is not one of {", ".join(JOB_KINDS)}')
+    return JOB_KINDS[name]
 
 
 def _alive(pid: int | None) -> bool:
@@ -204,20 +256,16 @@ class JobManager:
 
         finetune: `preset` and `overrides` are the recipe's arguments; `run_dir` its output folder.
         eval: `overrides` is [CONFIG.yaml]; `run_dir` the evaluation's output folder (its `out`)."""
-        if kind not in KINDS:
-            raise UserError(f'job kind "{kind}" is not one of {", ".join(KINDS)}')
+        spec = job_kind(kind)
         run_dir = str(Path(run_dir).resolve())
         with self._lock, self._db() as db:
             self._check_room(db, owner)
             busy = db.execute("SELECT id FROM jobs WHERE run_dir = ? AND status IN ('queued', 'running')", (run_dir,)).fetchone()
             if busy:
                 raise UserError(f"job {busy['id']} is already writing {run_dir}")
-            if kind == "finetune" and Path(run_dir).is_dir() and any(Path(run_dir).iterdir()) and not overwrite:
+            if spec.fresh_output and Path(run_dir).is_dir() and any(Path(run_dir).iterdir()) and not overwrite:
                 raise UserError(f"{run_dir} already holds a run; choose another name, or overwrite it")
-            if kind == "finetune":
-                args = [*overrides, f"output_dir={run_dir}", f"name={name}"] + (["--overwrite"] if overwrite else [])
-            else:
-                args = list(overrides)
+            args = spec.arguments(name, run_dir, list(overrides), overwrite)
             cur = db.execute(
                 "INSERT INTO jobs (name, preset, overrides, run_dir, device, status, log_path, created, resume, kind, owner) "
                 "VALUES (?, ?, ?, ?, ?, 'queued', '', ?, 0, ?, ?)",
@@ -245,7 +293,7 @@ class JobManager:
         job = self.get(job_id)
         if job.status not in ("cancelled", "failed"):
             raise UserError(f"job {job_id} is {job.status}; only cancelled or failed jobs can be resumed")
-        has_ckpt = any((Path(job.run_dir) / "checkpoints").glob("step-*/state.json"))
+        has_ckpt = runs.latest_checkpoint(Path(job.run_dir)) is not None
         with self._lock, self._db() as db:
             self._check_room(db, job.owner)
             db.execute("UPDATE jobs SET status = 'queued', resume = ?, cancel = 0, error = NULL, finished = NULL, pid = NULL "
@@ -277,7 +325,7 @@ class JobManager:
                 job = _job(row)
                 if job.id in self._children or _alive(job.pid):
                     continue
-                done = _complete(job)
+                done = job_kind(job.kind).finished(Path(job.run_dir))
                 db.execute("UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ?",
                            ("done" if done else "failed", time.time(),
                             None if done else "the job's process ended while the server was away; see the log",
@@ -329,21 +377,15 @@ class JobManager:
                 db.execute("UPDATE jobs SET note = ? WHERE id = ?", (note, job_id))
 
     def _start(self, db, job: Job) -> None:
-        if job.kind == "eval":  # rerunning an evaluation resumes it (answers and judgments are kept)
-            cmd = [self.python, "-m", "chatbuild.cli", "eval", "run", *job.overrides]
-        else:
-            cmd = [self.python, "-m", "pipelines.finetune", *([job.preset] if job.preset else []), *job.overrides,
-                   "--no-progress", *(["--resume"] if job.resume else [])]
-            if job.resume:
-                cmd = [c for c in cmd if c != "--overwrite"]
-        env = {**job_environment(dict(os.environ)), **self.env.get(job.kind, {}),
-               "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               "PYTHONUNBUFFERED": "1"}
+        # The installed console entry, not a source tree on PYTHONPATH: what `chatbuild` runs here, the
+        # job runs too (a wheel install included).
+        cmd = [self.python, "-m", "chatbuild.cli", *job_kind(job.kind).command(job)]
+        env = {**job_environment(dict(os.environ)), **self.env.get(job.kind, {}), "PYTHONUNBUFFERED": "1"}
         log = open(job.log_path, "a")
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=str(REPO_ROOT), start_new_session=True)
+                                start_new_session=True)
         log.close()
         self._children[job.id] = proc
         db.execute("UPDATE jobs SET status = 'running', pid = ?, started = ? WHERE id = ?", (proc.pid, time.time(), job.id))
@@ -373,13 +415,6 @@ class JobManager:
                 return job
             time.sleep(poll)
         raise TimeoutError(f"job {job_id} still {self.get(job_id).status} after {timeout}s")
-
-
-def _complete(job: Job) -> bool:
-    """Whether a job's output is finished (for a job whose process ended while no one watched)."""
-    if job.kind == "eval":
-        return (Path(job.run_dir) / "leaderboard.json").is_file()
-    return (Path(job.run_dir) / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def _job(row) -> Job:

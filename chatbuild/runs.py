@@ -1,31 +1,48 @@
-"""Run folders: the hand-off between fine-tuning and everything downstream.
+"""Run folders: the hand-off between fine-tuning and everything downstream, written and read here.
 
-A fine-tune writes `runs/<name>/` with these files (DESIGN.md, "Run folder"); serving, merging and
-evaluation read only this folder:
+A training recipe writes `runs/<name>/` through this module, and serving, merging, evaluation and
+the job manager read it back through it; no other module knows the file names below:
 
     config.yaml          the fully resolved configuration (chatbuild.config.RunConfig)
     adapter/             PEFT format: adapter_config.json, adapter_model.safetensors
     tokenizer/           the tokenizer, with its chat template
     chat_format.json     chatbuild.templates.ChatFormat: template name, stop strings, system prompt
-    metrics.jsonl        one JSON object per logged step (step, loss, lr, tokens/s, memory)
+    metrics.jsonl        one JSON object per logged step: {"step": N, ...}; training rows carry the
+                         objective's metrics ("loss", "lr", "tokens_per_s", "memory_gb", ...), evaluation
+                         rows the same names prefixed "eval_" ("eval_loss")
     loss.png             training and validation loss curves
     checkpoints/         resumable states: step-N/ with adapter, optimizer, scheduler, RNG
-    README.md            model card: base, data, hyperparameters, final metrics
+    README.md            model card: base, objective, data, hyperparameters, final metrics
 
 The base model is referenced (id or path, plus revision) in config.yaml, never copied.
+
+A run is *finished* when every file serving needs is there (`FINISHED_FILES`, `is_run`); the
+recipe writes chat_format.json last (`save_final`), so a run killed while saving is not finished.
+The API is objective-neutral: a second objective (e.g. preference tuning) prepares, checkpoints,
+logs and saves its run folder with the same calls, naming its objective and metrics in the card.
 """
 
+import contextlib
+import json
+import random
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatbuild.config import RunConfig, read_config
+from chatbuild.config import RunConfig, read_config, save_config, to_dict
 from chatbuild.errors import UserError
 from chatbuild.templates import ChatFormat
 
 RUN_FILES = ("config.yaml", "adapter", "tokenizer", "chat_format.json", "metrics.jsonl", "loss.png", "checkpoints", "README.md")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What makes a run folder servable, so finished: the one definition every module uses (`is_run`).
+FINISHED_FILES = ("config.yaml", "chat_format.json", "tokenizer", *(f"adapter/{a}" for a in ADAPTER_FILES))
+# Train settings a resumed run may change: how long it trains and how often it logs, evaluates and saves.
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "chunked_loss"}
 
 
+# ── reading a finished run ──────────────────────────────────────────────────────────────────────
 @dataclass
 class Run:
     """A finished run folder, read back."""
@@ -51,23 +68,312 @@ class Run:
         return self.config.model.base
 
     def base_key(self) -> tuple:
-        """Runs with equal keys can share one loaded base model."""
+        """What a loaded base must be for this run's adapter to be served on it: the same weights
+        (base, one spelling of a local path, and revision) quantized the same way. Runs with equal
+        keys share one loaded base. Double quantization and compute dtype are left out: they change
+        how the frozen weights are stored and multiplied, not what the adapter was trained against,
+        so the engine takes them from its first run."""
         m = self.config.model
-        return (m.base, m.revision, m.quant, m.double_quant, m.compute_dtype)
+        return (_normalized_base(m.base), m.revision, m.quant)
+
+
+def _normalized_base(base: str) -> str:
+    """A local base folder as one absolute path (so `./tiny` and `/abs/tiny` compare equal); a hub
+    id as it is."""
+    path = Path(base).expanduser()
+    return str(path.resolve()) if path.exists() else base
+
+
+def missing_files(path: str | Path) -> list[str]:
+    """The files of `FINISHED_FILES` that the folder lacks (all of them when it does not exist)."""
+    p = Path(path)
+    return [f for f in FINISHED_FILES if not (p / f).exists()]
 
 
 def is_run(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / "config.yaml").is_file() and (p / "adapter" / "adapter_config.json").is_file()
+    """Whether `path` is a finished run folder (`FINISHED_FILES` all there)."""
+    return not missing_files(path)
 
 
 def load_run(path: str | Path) -> Run:
-    """Read a run folder; a clear UserError says which file is missing or broken."""
+    """Read a finished run folder; a clear UserError says which file is missing or broken."""
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"{p}: no such run folder")
-    missing = [f for f in ("config.yaml", "chat_format.json", "tokenizer", *(f"adapter/{a}" for a in ADAPTER_FILES))
-               if not (p / f).exists()]
+    missing = missing_files(p)
     if missing:
         raise UserError(f"{p}: not a finished run folder (missing {', '.join(missing)})")
     return Run(path=p.resolve(), config=read_config(p / "config.yaml"), chat_format=ChatFormat.load(p / "chat_format.json"))
+
+
+def read_run_config(path: str | Path) -> RunConfig | None:
+    """A run folder's config.yaml, finished or not; None when there is none (yet) or it cannot be read."""
+    file = Path(path) / "config.yaml"
+    if not file.is_file():
+        return None
+    try:
+        return read_config(file)
+    except UserError:
+        return None
+
+
+# ── preparing the folder ────────────────────────────────────────────────────────────────────────
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path | None:
+    """Check the output folder before any heavy work. Returns the checkpoint to resume from, if any.
+
+    Writes nothing (every process of a data-parallel run may call it); `start_run_dir` then does."""
+    out = cfg.run_dir
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pick one")
+    if not out.exists() or not any(out.iterdir()):
+        if resume:
+            raise UserError(f"{out}: nothing to resume (the folder is empty or missing)")
+        return None
+    if overwrite:
+        return None
+    if not (out / "config.yaml").is_file():
+        raise UserError(f"{out} is not empty and holds no run; pass --overwrite to replace it, or set output_dir")
+    old = to_dict(read_config(out / "config.yaml"))
+    new = to_dict(cfg)
+    if not resume:
+        raise UserError(f"{out} already holds a run ({old['name']}); pass --resume to continue it or "
+                        "--overwrite to start again")
+    # Resuming may extend training or change logging cadence; everything else must match.
+    diff = [f"{s}.{k}" for s in ("model", "lora", "data", "train") for k in new[s]
+            if new[s][k] != old[s][k] and not (s == "train" and k in RESUMABLE_CHANGES)]
+    if diff:
+        raise UserError(f"{out}: cannot resume, the configuration differs in {', '.join(diff)}")
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise UserError(f"{out}: no checkpoint to resume from (checkpoints/ is empty)")
+    return ckpt
+
+
+def start_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
+    """Create the run folder (emptied first with `overwrite`) and write config.yaml; returns it.
+    Call after `prepare_run_dir`, from one process."""
+    run_dir = cfg.run_dir
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def save_final(run_dir: Path, model, tokenizer, chat_format: ChatFormat) -> None:
+    """The trained adapter, the tokenizer and, last, chat_format.json: the file that makes the folder
+    a finished run (`is_run`), so a kill while saving leaves an unfinished one."""
+    model.save_pretrained(run_dir / "adapter", safe_serialization=True)
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    chat_format.save(run_dir / "chat_format.json")
+
+
+# ── checkpoints ─────────────────────────────────────────────────────────────────────────────────
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """checkpoints/step-N folders by step (whole or not)."""
+    found = [(p.name.split("-", 1)[1], p) for p in (Path(run_dir) / "checkpoints").glob("step-*")]
+    return sorted((int(n), p) for n, p in found if n.isdigit())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The whole checkpoint (one with its state.json) of the highest step, or None."""
+    whole = [p for _, p in _checkpoints(run_dir) if (p / "state.json").is_file()]
+    return whole[-1] if whole else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
+    """checkpoints/step-N/: adapter, optimizer, scheduler and RNG states, written to a temporary
+    folder and renamed, so a kill never leaves a half checkpoint that looks whole. `keep` > 0: only
+    the newest `keep` checkpoints stay."""
+    import numpy as np
+    import torch
+
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "adapter", safe_serialization=True)
+    # Tensors and plain Python values only, so that resuming can load them with weights_only=True.
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), pos, has_gauss, gauss),
+           "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    if keep > 0:
+        prune_checkpoints(run_dir, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` whole checkpoints (a folder without state.json is none of them)."""
+    whole = [p for _, p in _checkpoints(run_dir) if (p / "state.json").is_file()]
+    for p in whole[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, device: str) -> int:
+    """Restore adapter, optimizer, scheduler and RNG states from checkpoints/step-N/; returns N.
+    Raises UserError, naming the file, when one cannot be read or holds what chatbuild never writes."""
+    import numpy as np
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    set_peft_model_state_dict(model, load_file(path / "adapter" / ADAPTER_FILES[1], device=device))
+    with _restoring(path / "optimizer.pt"):
+        optimizer.load_state_dict(load_state(path / "optimizer.pt", device))
+    with _restoring(path / "scheduler.pt"):
+        scheduler.load_state_dict(load_state(path / "scheduler.pt"))
+    with _restoring(path / "rng.pt"):
+        rng = load_state(path / "rng.pt")
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+def load_state(file: Path, device: str | None = None):
+    """A checkpoint's torch file, loaded with weights_only=True: tensors and plain Python values are
+    rebuilt, nothing else is, so a file that pickles an object (whose unpickling could run any code)
+    is refused instead of executed. UserError, naming the file, when it is refused or unreadable."""
+    import pickle
+    import re
+
+    import torch
+
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f", it asks for {found.group(1)}" if found else ""
+        raise UserError(f"{file}: refused: not only tensors and plain values as chatbuild writes them{what} "
+                        "(tampered with, corrupt, or from an older chatbuild), so it was not unpickled; remove "
+                        "this checkpoint folder to resume from an earlier one, or start again with --overwrite") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{file}: cannot read this checkpoint file ({first})") from None
+
+
+@contextlib.contextmanager
+def _restoring(file: Path):
+    """A state that loads but does not fit (another optimizer, a file edited by hand) fails in one line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        why = " ".join(str(e).split())
+        raise UserError(f"{file}: not a state this run can resume from ({type(e).__name__}: {why})") from None
+
+
+# ── metrics ─────────────────────────────────────────────────────────────────────────────────────
+def append_metrics(run_dir: Path, row: dict) -> None:
+    """Add one row ({"step": N, ...}) to metrics.jsonl."""
+    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(run_dir: str | Path, upto: int | None = None) -> list[dict]:
+    """The rows of metrics.jsonl in order (those with step <= `upto` when given); [] without the file.
+    Safe while the run writes: a line being written right now (not yet valid JSON) is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return [r for r in rows if upto is None or r["step"] <= upto]
+
+
+def rewind_metrics(run_dir: Path, step: int) -> list[dict]:
+    """The metrics of a run (re)starting at `step`, with metrics.jsonl rewritten to hold only them: a
+    resumed run drops the rows logged after its checkpoint (they will be logged again), a fresh start
+    (step 0) drops them all. Call from one process."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if step == 0:
+        path.unlink(missing_ok=True)
+        return []
+    kept = read_metrics(run_dir, upto=step)
+    if path.exists():
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+# ── loss plot and model card ────────────────────────────────────────────────────────────────────
+def plot_loss(run_dir: Path, history: list[dict], train: str = "loss", ylabel: str = "loss (per target token)") -> None:
+    """loss.png: the training metric `train` and its evaluation (`eval_<train>`) over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["step"], r[train]) for r in history if train in r]
+    val = [(r["step"], r[f"eval_{train}"]) for r in history if f"eval_{train}" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if points:
+        ax.plot(*zip(*points), label=f"train {train}")
+    if val:
+        ax.plot(*zip(*val), marker="o", label=f"validation {train}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(run_dir) / "loss.png"
+    tmp = path.with_name(".loss.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_model_card(run_dir: Path, cfg: RunConfig, history: list[dict], *, objective: str,
+                     data: Sequence[str] = (), metrics: Sequence[tuple[str, str]] = (("loss", "training loss"),),
+                     report: str = "") -> None:
+    """README.md: what the run is (base, `objective`: e.g. "QLoRA recipe"), its data (`data`: the
+    objective's own lines, after the source), hyperparameters and results: for each (name, label)
+    of `metrics` the last training value and, when the run evaluated it (`eval_<name>` rows), the
+    first and last evaluated values."""
+    m = cfg.model
+    lines = [
+        f"# {cfg.name}",
+        "",
+        f"A LoRA adapter for `{m.base}`" + (f" (revision `{m.revision}`)" if m.revision else "")
+        + f", fine-tuned with chatbuild's {objective}: the base frozen in {m.quant}"
+        + (" with double quantization" if m.double_quant else "") + ", LoRA adapters trained through it.",
+        "",
+        "## Data",
+        f"- source: `{cfg.data.train}` (format {cfg.data.format}, OASST1 mode {cfg.data.mode}, languages {cfg.data.lang or 'all'})",
+        *(f"- {line}" for line in data),
+        f"- chat format: {cfg.data.chat_format}",
+        "",
+        "## Hyperparameters",
+        f"- LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}, targets={cfg.lora.targets}",
+        f"- {cfg.train.steps} steps × {cfg.train.batch_size} sequences, lr {cfg.train.lr} ({cfg.train.schedule}), "
+        f"optimizer {cfg.train.optimizer}, max grad norm {cfg.train.max_grad_norm}, seed {cfg.train.seed}",
+        "",
+        "## Results",
+    ]
+    for name, label in metrics:
+        last = next((r for r in reversed(history) if name in r), {})
+        lines.append(f"- final {label}: {last.get(name, 'n/a')} at step {last.get('step', 'n/a')}")
+    for name, _ in metrics:
+        evals = [r for r in history if f"eval_{name}" in r]
+        if evals:
+            lines.append(f"- validation {name}: {evals[0][f'eval_{name}']} at step {evals[0]['step']} → "
+                         f"{evals[-1][f'eval_{name}']} at step {evals[-1]['step']}")
+    lines += ["", "![loss](loss.png)", "", "## Use", "", "```bash", f"chatbuild chat {run_dir}",
+              f"chatbuild serve {run_dir}", "```", "", "Full configuration: `config.yaml`. Data report: " + str(report), ""]
+    (Path(run_dir) / "README.md").write_text("\n".join(lines))

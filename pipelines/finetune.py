@@ -12,6 +12,9 @@ Launch:
     python -m pipelines.finetune tiny-cpu                        # the same, without the console script
     torchrun --nproc_per_node 2 -m pipelines.finetune tiny-cpu   # data parallel, one process per device
 
+The run folder is written through `chatbuild.runs`, its one owner (prepare, checkpoints, metrics,
+plot, card, final files); this file only decides what goes into it.
+
 Why an explicit loop rather than transformers' Trainer: it is shorter than the Trainer configuration
 and callbacks it would replace, and it owns what this recipe promises — exact resume (adapter,
 optimizer, scheduler, RNG and position in the data), token-weighted loss across accumulation steps
@@ -24,20 +27,17 @@ without DDP's bucketing machinery (nothing to gain for a few million parameters)
 """
 
 import argparse
-import contextlib
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from chatbuild.config import RunConfig, load_config, save_config, to_dict
+from chatbuild import runs
+from chatbuild.config import RunConfig, load_config
 from chatbuild.errors import UserError
-from chatbuild.runs import ADAPTER_FILES
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "chatbuild" / "data" / "sample" / "oasst1_sample.jsonl"
@@ -106,44 +106,6 @@ def resolve_base(name: str) -> str:
     return str(out.resolve())
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path | None:
-    """Check the output folder before any heavy work. Returns the checkpoint to resume from, if any."""
-    out = cfg.run_dir
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pick one")
-    if not out.exists() or not any(out.iterdir()):
-        if resume:
-            raise UserError(f"{out}: nothing to resume (the folder is empty or missing)")
-        return None
-    if overwrite:
-        return None
-    if not (out / "config.yaml").is_file():
-        raise UserError(f"{out} is not empty and holds no run; pass --overwrite to replace it, or set output_dir")
-    from chatbuild.config import read_config
-
-    old = to_dict(read_config(out / "config.yaml"))
-    new = to_dict(cfg)
-    if not resume:
-        raise UserError(f"{out} already holds a run ({old['name']}); pass --resume to continue it or "
-                        "--overwrite to start again")
-    # Resuming may extend training or change logging cadence; everything else must match.
-    free = {"steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "chunked_loss"}
-    diff = [f"{s}.{k}" for s in ("model", "lora", "data", "train") for k in new[s]
-            if new[s][k] != old[s][k] and not (s == "train" and k in free)]
-    if diff:
-        raise UserError(f"{out}: cannot resume, the configuration differs in {', '.join(diff)}")
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        raise UserError(f"{out}: no checkpoint to resume from (checkpoints/ is empty)")
-    return ckpt
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    steps = sorted((int(p.name.split("-")[1]), p) for p in (run_dir / "checkpoints").glob("step-*")
-                   if p.name.split("-")[1].isdigit() and (p / "state.json").is_file())
-    return steps[-1][1] if steps else None
-
-
 # ── the program ─────────────────────────────────────────────────────────────────────────────────
 def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
     """Run the whole recipe; returns the run folder."""
@@ -175,15 +137,12 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
     # ── output folder (checked before anything heavy) ──
     cfg.model.base = resolve_base(cfg.model.base)
     check_causal_lm(cfg.model.base, cfg.model.revision, cfg.model.trust_remote_code)  # reads config.json only
-    resume_from = prepare_run_dir(cfg, resume, overwrite)
+    resume_from = runs.prepare_run_dir(cfg, resume, overwrite)
     run_dir = cfg.run_dir
     if world > 1:  # every process has checked the folder before the first one writes to it
         torch.distributed.barrier()
     if main_process:
-        if overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        runs.start_run_dir(cfg, overwrite)
     if world > 1:
         torch.distributed.barrier()
     seed_everything(cfg.train.seed)
@@ -249,21 +208,18 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
     # ── resume ──
     start_step = 0
     if resume_from is not None:
-        start_step = load_checkpoint(resume_from, model, optimizer, scheduler, device)
+        start_step = runs.load_checkpoint(resume_from, model, optimizer, scheduler, device)
         say(f"resume: continuing from {resume_from} (step {start_step})")
 
     # ── train ──
     lengths = [len(e) for e in train_set]
     per_step = micro * accum * world
-    metrics_path = run_dir / "metrics.jsonl"
-    if main_process and start_step == 0 and metrics_path.exists():
-        metrics_path.unlink()
-    history = read_metrics(metrics_path, upto=start_step)
+    history = runs.rewind_metrics(run_dir, start_step) if main_process else []  # only the main process logs
     if val_set and start_step == 0:  # the starting point, so the curve shows what training changed
         row = {"step": 0, "eval_loss": round(evaluate(model, val_set, collate, micro, device, cfg.train.eval_batches), 5)}
         history.append(row)
         if main_process:
-            append_metrics(metrics_path, row)
+            runs.append_metrics(run_dir, row)
     bar = make_progress(cfg.train.steps, start_step, enabled=progress and main_process)
     model.train()
     t_last, tokens_since = time.perf_counter(), 0
@@ -287,7 +243,7 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
                         torch.distributed.all_reduce(p.grad)
             if not math.isfinite(step_loss.item()):
                 raise TrainingDiverged(f"the loss became {step_loss.item()} at step {step + 1}; lower train.lr or check "
-                                       f"the data. Last checkpoint: {latest_checkpoint(run_dir) or 'none'}")
+                                       f"the data. Last checkpoint: {runs.latest_checkpoint(run_dir) or 'none'}")
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -302,25 +258,25 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
                 t_last, tokens_since = time.perf_counter(), 0
                 history.append(row)
                 if main_process:
-                    append_metrics(metrics_path, row)
+                    runs.append_metrics(run_dir, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['memory_gb']:.2f}GB")
             if val_set and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
                 row = {"step": done, "eval_loss": round(evaluate(model, val_set, collate, micro, device, cfg.train.eval_batches), 5)}
                 history.append(row)
                 if main_process:
-                    append_metrics(metrics_path, row)
+                    runs.append_metrics(run_dir, row)
                     bar.write(f"step {done}: validation loss {row['eval_loss']:.4f}")
             if main_process and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
-                plot_loss(history, run_dir / "loss.png")
+                runs.plot_loss(run_dir, history)
             if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
                 if main_process:
-                    save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg.train.keep_checkpoints)
+                    runs.save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg.train.keep_checkpoints)
                 if world > 1:
                     torch.distributed.barrier()
             bar.update(1)
             if stop.requested(world) and done < cfg.train.steps:
                 if main_process:
-                    ckpt = save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg.train.keep_checkpoints)
+                    ckpt = runs.save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg.train.keep_checkpoints)
                     say(f"stopped at step {done}: checkpoint {ckpt}; continue with --resume")
                 raise TrainingStopped(f"stopped at step {done}")
     finally:
@@ -329,10 +285,13 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
 
     # ── save the run folder ──
     if main_process:
-        model.save_pretrained(run_dir / "adapter", safe_serialization=True)
-        tokenizer.save_pretrained(run_dir / "tokenizer")
-        fmt.save(run_dir / "chat_format.json")
-        write_model_card(run_dir, cfg, report, len(train_set), len(val_set), history)
+        runs.write_model_card(
+            run_dir, cfg, history, objective="QLoRA recipe", report=str(report),
+            data=[f"{len(train_set)} training and {len(val_set)} validation conversations; max length "
+                  f"{cfg.data.max_length} tokens; "
+                  f"{'whole-text loss' if cfg.data.train_on_prompts else 'loss on assistant turns only'}"],
+            metrics=[("loss", "training loss")])
+        runs.save_final(run_dir, model, tokenizer, fmt)  # chat_format.json last: from here on the run is finished
         say(f"done: run folder {run_dir}")
     if world > 1:
         torch.distributed.barrier()
@@ -527,166 +486,6 @@ def make_progress(total: int, start: int, enabled: bool):
 
     return tqdm(total=total, initial=start, desc="finetune", unit="step", disable=not enabled, dynamic_ncols=True,
                 file=sys.stderr)
-
-
-# ── checkpoints ─────────────────────────────────────────────────────────────────────────────────
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
-    """checkpoints/step-N/: adapter, optimizer, scheduler and RNG states, written to a temporary
-    folder and renamed, so a kill never leaves a half checkpoint that looks whole."""
-    import numpy as np
-    import torch
-
-    root = run_dir / "checkpoints"
-    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter", safe_serialization=True)
-    # Tensors and plain Python values only, so that resuming can load them with weights_only=True.
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), pos, has_gauss, gauss),
-           "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    if keep > 0:
-        old = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.name.split("-")[1].isdigit())
-        for _, p in old[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, device: str) -> int:
-    """Restore adapter, optimizer, scheduler and RNG states from checkpoints/step-N/; returns N.
-    Raises UserError, naming the file, when one cannot be read or holds what chatbuild never writes."""
-    import numpy as np
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(path / "adapter" / ADAPTER_FILES[1], device=device))
-    with _restoring(path / "optimizer.pt"):
-        optimizer.load_state_dict(load_state(path / "optimizer.pt", device))
-    with _restoring(path / "scheduler.pt"):
-        scheduler.load_state_dict(load_state(path / "scheduler.pt"))
-    with _restoring(path / "rng.pt"):
-        rng = load_state(path / "rng.pt")
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "state.json").read_text())["step"]
-
-
-def load_state(file: Path, device: str | None = None):
-    """A checkpoint's torch file, loaded with weights_only=True: tensors and plain Python values are
-    rebuilt, nothing else is, so a file that pickles an object (whose unpickling could run any code)
-    is refused instead of executed. UserError, naming the file, when it is refused or unreadable."""
-    import pickle
-    import re
-
-    import torch
-
-    try:
-        return torch.load(file, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f", it asks for {found.group(1)}" if found else ""
-        raise UserError(f"{file}: refused: not only tensors and plain values as chatbuild writes them{what} "
-                        "(tampered with, corrupt, or from an older chatbuild), so it was not unpickled; remove "
-                        "this checkpoint folder to resume from an earlier one, or start again with --overwrite") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{file}: cannot read this checkpoint file ({first})") from None
-
-
-@contextlib.contextmanager
-def _restoring(file: Path):
-    """A state that loads but does not fit (another optimizer, a file edited by hand) fails in one line."""
-    try:
-        yield
-    except UserError:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        why = " ".join(str(e).split())
-        raise UserError(f"{file}: not a state this run can resume from ({type(e).__name__}: {why})") from None
-
-
-# ── metrics, plot, model card ───────────────────────────────────────────────────────────────────
-def append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path: Path, upto: int) -> list[dict]:
-    """Metrics rows up to a step (a resumed run drops rows logged after its checkpoint)."""
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if r["step"] <= upto]
-    if len(kept) != len(rows):
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept
-
-
-def plot_loss(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    val = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), marker="o", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (per target token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(".loss.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def write_model_card(run_dir: Path, cfg: RunConfig, report, n_train: int, n_val: int, history: list[dict]) -> None:
-    last_train = next((r for r in reversed(history) if "loss" in r), {})
-    evals = [r for r in history if "eval_loss" in r]
-    lines = [
-        f"# {cfg.name}",
-        "",
-        f"A LoRA adapter for `{cfg.model.base}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else "")
-        + f", fine-tuned with chatbuild's QLoRA recipe: the base frozen in {cfg.model.quant}"
-        + (" with double quantization" if cfg.model.double_quant else "") + ", LoRA adapters trained through it.",
-        "",
-        "## Data",
-        f"- source: `{cfg.data.train}` (format {cfg.data.format}, OASST1 mode {cfg.data.mode}, languages {cfg.data.lang or 'all'})",
-        f"- {n_train} training and {n_val} validation conversations; max length {cfg.data.max_length} tokens; "
-        f"{'whole-text loss' if cfg.data.train_on_prompts else 'loss on assistant turns only'}",
-        f"- chat format: {cfg.data.chat_format}",
-        "",
-        "## Hyperparameters",
-        f"- LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}, targets={cfg.lora.targets}",
-        f"- {cfg.train.steps} steps × {cfg.train.batch_size} sequences, lr {cfg.train.lr} ({cfg.train.schedule}), "
-        f"optimizer {cfg.train.optimizer}, max grad norm {cfg.train.max_grad_norm}, seed {cfg.train.seed}",
-        "",
-        "## Results",
-        f"- final training loss: {last_train.get('loss', 'n/a')} at step {last_train.get('step', 'n/a')}",
-    ]
-    if evals:
-        lines.append(f"- validation loss: {evals[0]['eval_loss']} at step {evals[0]['step']} → "
-                     f"{evals[-1]['eval_loss']} at step {evals[-1]['step']}")
-    lines += ["", "![loss](loss.png)", "", "## Use", "", "```bash", f"chatbuild chat {run_dir}",
-              f"chatbuild serve {run_dir}", "```", "", "Full configuration: `config.yaml`. Data report: " + str(report), ""]
-    (run_dir / "README.md").write_text("\n".join(lines))
 
 
 # ── command line ────────────────────────────────────────────────────────────────────────────────

@@ -138,19 +138,21 @@ def combine_adapters(run_paths: list[str], weights: list[float], out: str | Path
     if merge_into_base:
         merged = model.merge_and_unload()
         merged.save_pretrained(out, safe_serialization=True)
+        shutil.copytree(runs[0].tokenizer_dir, out, dirs_exist_ok=True)
         runs[0].chat_format.save(out / "chat_format.json")
     else:
-        # A run folder: adapter/, tokenizer/, chat_format.json, config.yaml, README.md.
+        # A run folder (chatbuild.runs): adapter/, config.yaml, README.md, tokenizer/ and, last as a
+        # fine-tune writes it, chat_format.json, the file that makes it a finished run.
         model.save_pretrained(out / "_peft", safe_serialization=True)
         (out / "_peft" / "combined").rename(out / "adapter")
         shutil.rmtree(out / "_peft")
         cfg = replace(runs[0].config, name=out.name, output_dir=str(out))
         save_config(cfg, out / "config.yaml")
-        runs[0].chat_format.save(out / "chat_format.json")
         (out / "README.md").write_text(
             f"# {out.name}\n\nA weighted combination ({combination}) of LoRA adapters on `{runs[0].base}`:\n\n"
             + "".join(f"- `{r.path}` × {w}\n" for r, w in zip(runs, weights)) + "\nMade by `chatbuild merge --adapters`.\n")
-    shutil.copytree(runs[0].tokenizer_dir, out / ("tokenizer" if not merge_into_base else "."), dirs_exist_ok=True)
+        shutil.copytree(runs[0].tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+        runs[0].chat_format.save(out / "chat_format.json")
     (out / "chatbuild_merge.json").write_text(json.dumps(recipe, indent=2) + "\n")
     print(f"merge: wrote {out}")
     return out

@@ -42,7 +42,7 @@ def test_a_job_runs_to_completion_in_its_own_process(manager, tiny_base, tmp_pat
     assert is_run(done.run_dir)
     p = done.progress()
     assert p["step"] == 2 and p["steps"] == 2 and p["loss"] is not None
-    assert "pipelines.finetune" in done.log_tail(200)
+    assert "-m chatbuild.cli finetune" in done.log_tail(200)  # the installed entry, not a source tree
 
 
 def test_one_job_per_device_the_rest_queue(manager, tiny_base, tmp_path):
@@ -112,3 +112,28 @@ def test_cancel_a_queued_job_and_bad_transitions(manager, tiny_base, tmp_path):
     b = manager.submit("q2", tmp_path / "q2", "tiny-cpu", overrides(tiny_base))
     with pytest.raises(UserError, match="only cancelled or failed"):
         manager.resume(b.id)
+
+
+def test_every_kind_starts_through_the_installed_command_line(tmp_path):
+    """The kinds table: a fine-tune's output folder travels as output_dir=, a resumed one continues
+    instead of overwriting; every kind runs `python -m chatbuild.cli <program>`, never a source tree."""
+    from chatbuild.jobs import JOB_KINDS, Job, job_kind
+
+    assert set(JOB_KINDS) == {"finetune", "eval"}
+    finetune = job_kind("finetune")
+    args = finetune.arguments("n", "/out/n", ["train.steps=2"], True)
+    assert args == ["train.steps=2", "output_dir=/out/n", "name=n", "--overwrite"]
+    job = Job(id=1, name="n", preset="tiny-cpu", overrides=args, run_dir="/out/n", device="default", status="queued",
+              pid=None, resume=False, cancel=False, log_path="", error=None, created=0.0, started=None, finished=None)
+    assert finetune.command(job) == ["finetune", "tiny-cpu", *args, "--no-progress"]
+    job.resume = True
+    assert finetune.command(job) == ["finetune", "tiny-cpu", *args[:-1], "--no-progress", "--resume"]
+    assert finetune.makes_run and finetune.finished(tmp_path) is False
+    evaluation = job_kind("eval")
+    job.kind, job.overrides = "eval", evaluation.arguments("e", str(tmp_path), ["/e/eval.yaml"], False)
+    assert evaluation.command(job) == ["eval", "run", "/e/eval.yaml"] and not evaluation.makes_run
+    assert not evaluation.finished(tmp_path)
+    (tmp_path / "leaderboard.json").write_text("{}")
+    assert evaluation.finished(tmp_path) and job.progress()["steps"] is None
+    with pytest.raises(UserError, match='job kind "dpo" is not one of finetune, eval'):
+        job_kind("dpo")

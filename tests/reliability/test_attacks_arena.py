@@ -293,11 +293,11 @@ def test_a_malicious_optimizer_file_is_refused_on_resume(tiny_base, tmp_path):
 
 @pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng.pt"])
 def test_every_checkpoint_state_file_is_loaded_without_running_code(tmp_path, name):
-    """The loader resume uses for each of the three files (`pipelines.finetune.load_state`), on a
+    """The loader resume uses for each of the three files (`chatbuild.runs.load_state`), on a
     payload in a real torch file and in a bare pickle."""
     import torch
 
-    from pipelines.finetune import load_state
+    from chatbuild.runs import load_state
 
     marker = tmp_path / "pwned"
     torch.save({"state": {}, "param_groups": [Payload(str(marker))]}, tmp_path / name)
