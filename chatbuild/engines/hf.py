@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatbuild.config import ModelSettings, RunConfig
 from chatbuild.engines import (
     BASE_ADAPTER,
     GREEDY_BELOW,
@@ -40,7 +41,6 @@ from chatbuild.engines import (
 )
 from chatbuild.engines.batching import Request, Scheduler
 from chatbuild.errors import UserError
-from chatbuild.config import ModelSettings, RunConfig
 from chatbuild.runs import Run, load_run
 from chatbuild.templates import ChatFormat, bare_base_format, prompt_ids, stop_token_ids
 
