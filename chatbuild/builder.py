@@ -33,6 +33,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatbuild.engines import LoadsAdapters
 from chatbuild.errors import UserError
 from chatbuild.jobs import Job, JobManager, job_kind
 
@@ -459,7 +460,7 @@ class Builder:
 
     def _serve(self, job: Job) -> str:
         engine = self.engine()
-        if engine is None or not hasattr(engine, "load_adapter"):
+        if engine is None or not isinstance(engine, LoadsAdapters):
             return f"not served here (this server's engine cannot load adapters); serve it with `chatbuild serve {job.run_dir}`"
         if job.name in engine.models():
             return f"served as {job.name}"

@@ -13,20 +13,19 @@ failed on this request (`generation_failed`; the server goes on), 503 loading.
 Flow of a completion request:
 
     read body (size limit) → validate (pydantic) → model known? → limits (messages, max_tokens,
-    prompt tokens) → admission (a slot, or a place in the bounded queue, or 429) → generate in a
-    thread, chunks handed to the event loop → answer (JSON, or SSE as chunks arrive)
+    stop) → `serve.generation.generate`: prompt tokens, admission (a slot, or a place in the
+    bounded queue, or 429), the engine in a thread → answer (JSON, or SSE as chunks arrive)
 
-Generation runs in its own thread (the engine's `stream` is a blocking iterator) with a
-`threading.Event` as its cancel switch. The switch is thrown when the client disconnects (a task
-waits for the ASGI disconnect message), when the stream's consumer stops, and at shutdown; the
-engine then stops at its next token, and its slot is freed when the thread actually ends.
+The UI's replies take the same path (`serve.generation`), so both share one queue and one cancel
+registry. Each request's cancel switch, a `threading.Event`, is thrown when the client disconnects
+(a task waits for the ASGI disconnect message), when the stream's consumer stops, and at shutdown;
+the engine then stops at its next token, and its slot is freed when its thread actually ends.
 """
 
 import asyncio
 import hmac
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -59,6 +58,7 @@ from chatbuild.engines import (
     check_params,
 )
 from chatbuild.errors import UserError
+from serve.generation import Admission, Busy, PromptOverLimit, generate
 from serve.settings import Settings
 
 log = logging.getLogger("chatbuild.serve")
@@ -157,40 +157,6 @@ def require_key(api_key: str | None, request: Request) -> None:
 
 
 # ── state shared by the routes ──────────────────────────────────────────────────────────────
-class Busy(Exception):
-    pass
-
-
-class Admission:
-    """At most `max_running` generations at once and `queue_size` requests waiting for one; a
-    request beyond that is turned away at once (429) instead of stalling."""
-
-    def __init__(self, max_running: int, queue_size: int):
-        self.max_running, self.queue_size = max_running, queue_size
-        self.running = self.waiting = 0
-        self._slots = asyncio.Semaphore(max_running)
-        self._seconds = 1.0  # moving average of a generation's duration, for Retry-After
-
-    async def acquire(self) -> None:
-        if self.running + self.waiting >= self.max_running + self.queue_size:
-            raise Busy
-        self.waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
-        self.running += 1
-
-    def release(self, seconds: float) -> None:
-        self.running -= 1
-        self._slots.release()
-        self._seconds = 0.8 * self._seconds + 0.2 * seconds
-
-    def retry_after(self) -> int:
-        """Seconds until a place is likely free: the queue ahead, drained `max_running` at a time."""
-        return max(1, math.ceil(self._seconds * (self.waiting + 1) / self.max_running))
-
-
 @dataclass
 class ServeState:
     """What the routes share. `engine` is None until one is attached (models still loading)."""
@@ -200,8 +166,8 @@ class ServeState:
     load_error: str | None = None  # why the models could not be loaded, if that happened
     started: int = field(default_factory=lambda: int(time.time()))
     ready: threading.Event = field(default_factory=threading.Event)
-    cancels: set = field(default_factory=set)  # cancel events of the generations in progress
-    admission: Admission | None = None
+    cancels: set = field(default_factory=set)  # cancel events of the generations in progress (API and UI)
+    admission: Admission | None = None  # the one generation gate (serve.generation.admission_of)
     on_shutdown: list = field(default_factory=list)  # callables run when the app stops (the Builder's queue)
     builder: object = None  # the Build tab's `chatbuild.builder.Builder`, when it is on
 
@@ -275,26 +241,11 @@ def add_api(app: FastAPI, state: ServeState) -> None:
     async def chat_completions(request: Request):
         check_key(request)
         engine = engine_or_503()
-        if state.admission is None:  # made here: its semaphore belongs to the server's event loop
-            state.admission = Admission(settings.max_running, settings.queue_size)
         req = parse_request(await read_body(request, settings.max_body_bytes))
         names = await run_in_threadpool(engine.models)
         if req.model not in names:
             raise engine_error(UnknownModel(req.model, names))
         messages, params = check_limits(req, settings)
-        count = getattr(engine, "count_tokens", None)  # engines that tokenize locally: check before queueing
-        if count is not None:
-            limit = settings.max_prompt_tokens
-            try:  # a prompt with more characters than `limit` tokens can spell is refused untokenized
-                n, size = await run_in_threadpool(count, messages, req.model, limit), None
-            except PromptTooLong as e:
-                n, size = e.tokens, e.chars and f"{e.chars:,} characters (at least {e.tokens} tokens)"
-            except UserError as e:
-                raise engine_error(e) from None
-            if n > limit:
-                size = size or f"{n} tokens"
-                raise APIError(400, f"the prompt is {size} long; this server accepts at most {limit} prompt "
-                               "tokens (max_prompt_tokens)", param="messages", code="context_length_exceeded")
         return await answer(request, engine, req, messages, params, state)
 
 
@@ -383,49 +334,7 @@ def model_card(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "chatbuild"}
 
 
-# ── generation ──────────────────────────────────────────────────────────────────────────────
-_END = object()
-
-
-async def generate(engine: ChatEngine, messages: list[dict], params: GenerationParams, model: str,
-                   cancel: threading.Event, on_thread_end):
-    """Run `engine.stream` in a thread of its own; yield its chunks here, in the event loop.
-    `on_thread_end` is called in the loop once the thread has finished (however it finished)."""
-    loop = asyncio.get_running_loop()
-    items: asyncio.Queue = asyncio.Queue()
-
-    def hand_over(item):
-        try:
-            loop.call_soon_threadsafe(items.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shut down); nobody is listening
-            pass
-
-    def work():
-        try:
-            for chunk in engine.stream(messages, params, model, cancel=cancel):
-                hand_over(chunk)
-            hand_over(_END)
-        except BaseException as e:  # handed to the loop, where the request's handler raises it
-            hand_over(e)
-        finally:
-            try:
-                loop.call_soon_threadsafe(on_thread_end)
-            except RuntimeError:
-                pass
-
-    threading.Thread(target=work, name=f"chatbuild-generate-{model}", daemon=True).start()
-    try:
-        while True:
-            item = await items.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        cancel.set()  # a no-op when the reply is complete; otherwise nobody reads the rest
-
-
+# ── answering ───────────────────────────────────────────────────────────────────────────────
 async def watch_disconnect(request: Request, cancel: threading.Event) -> None:
     """Throw the cancel switch when the client goes away. The request body has been read, so the
     next ASGI message is the disconnect (sent also once the response is complete: harmless then)."""
@@ -438,41 +347,34 @@ async def watch_disconnect(request: Request, cancel: threading.Event) -> None:
 
 async def answer(request: Request, engine: ChatEngine, req: ChatCompletionRequest, messages: list[dict],
                  params: GenerationParams, state: ServeState):
-    """Wait for a slot, generate, and answer as JSON or as a server-sent event stream."""
-    admission, cancel = state.admission, threading.Event()
+    """Generate through the server's one path (prompt check, a slot, the engine in a thread) and
+    answer as JSON or as a server-sent event stream. A client that leaves before the first chunk
+    (while queued, say) gives its place back and gets no answer."""
+    cancel = threading.Event()
     watcher = asyncio.create_task(watch_disconnect(request, cancel))
-    slot = asyncio.create_task(admission.acquire())
+    chunks = generate(state, engine, messages, params, req.model, cancel)
+    first_chunk = asyncio.create_task(_first(chunks))
     try:
-        await asyncio.wait([slot, watcher], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([first_chunk, watcher], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not slot.done():  # the client left while waiting in the queue (or this handler was cancelled)
-            slot.cancel()
-            await asyncio.wait([slot])  # let the cancellation land: the queue place is given back
-    if slot.cancelled():
+        if not first_chunk.done():  # the client left first (or this handler was cancelled)
+            first_chunk.cancel()
+            await asyncio.wait([first_chunk])  # let the cancellation land: the queue place is given back
+    if first_chunk.cancelled():
         return Response(status_code=499)  # nobody to answer; 499 as nginx logs it
-    try:
-        slot.result()
-    except Busy:
+    try:  # errors before the first chunk are still proper HTTP answers
+        first = first_chunk.result()
+    except Busy as e:
         watcher.cancel()
-        raise APIError(429, f"the server is busy ({admission.running} replies in progress, {admission.waiting} "
-                       "waiting); retry later", type="rate_limit_error", code="queue_full",
-                       headers={"Retry-After": str(admission.retry_after())}) from None
-    started = time.perf_counter()
-    state.cancels.add(cancel)
-
-    def on_thread_end():  # the generation really stopped: free its slot
-        state.cancels.discard(cancel)
-        admission.release(time.perf_counter() - started)
-
-    chunks = generate(engine, messages, params, req.model, cancel, on_thread_end)
-    reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    try:
-        first = await anext(chunks)  # errors before the first chunk are still proper HTTP answers
-    except StopAsyncIteration:
-        first = Chunk("", "stop")
+        raise APIError(429, f"{e}; retry later", type="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(e.retry_after)}) from None
+    except PromptOverLimit as e:
+        watcher.cancel()
+        raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
     except Exception as e:
         watcher.cancel()
         raise engine_error(e) from None
+    reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = sse_events(first, chunks, reply_id, created, req.model, include_usage, watcher)
@@ -494,6 +396,14 @@ async def answer(request: Request, engine: ChatEngine, req: ChatCompletionReques
                      "finish_reason": last.finish_reason or "stop"}],
         "usage": usage(last),
     }
+
+
+async def _first(chunks) -> Chunk:
+    """The reply's first chunk (an empty "stop" if the engine ended without one)."""
+    try:
+        return await anext(chunks)
+    except StopAsyncIteration:
+        return Chunk("", "stop")
 
 
 async def sse_events(first: Chunk, chunks, reply_id: str, created: int, model: str, include_usage: bool,

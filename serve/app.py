@@ -8,7 +8,8 @@ docs at /docs, /redoc and /openapi.json (behind the API key when one is set, lik
     attach_engine(app, engine)                      # ... and serve once the models are loaded
 
 The UI (serve/ui.py, the UI issue) is mounted at "/" by `mount_ui(app, state)`: it shares this
-app's `ServeState` (engine, settings, the admission queue of the API). Gradio starts its
+app's `ServeState` (engine, settings, the admission queue and cancel registry that API and UI
+replies share: `serve.generation`). Gradio starts its
 queue in the app's startup, so the UI is mounted when the app is created, which needs the engine
 then. Without Gradio, or with `ui=False`, "/" is a short page pointing at the API.
 
@@ -55,7 +56,7 @@ def create_app(engine: ChatEngine | None, settings: Settings | None = None, ui: 
     if ui and engine is not None and ui_available():
         from serve.ui import mount_ui
 
-        mount_ui(app, state)  # the UI shares `state`: engine, settings (db_path, limits), admission queue
+        mount_ui(app, state)  # the UI shares `state`: engine, settings (db_path, limits), admission, cancels
         app.add_middleware(UIBodyLimit, limit=settings.max_ui_body_bytes,
                            upload_limit=uploads.max_file_size(settings) + MULTIPART_MARGIN)
     else:

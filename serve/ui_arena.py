@@ -254,7 +254,7 @@ async def _answer(ctx: UIContext, st: dict, sampling, session: str):
     each with its own generation slot). Votes open only when both finished on their own."""
     params = params_from(ctx, *sampling)
     st["params"] = vars(params)
-    # One cancel event per side: a stream that ends sets its own event (serve.api.generate does),
+    # One cancel event per side: a stream that ends sets its own event (serve.generation.generate does),
     # which must not stop the other side. Stop sets both.
     cancels = [ctx.cancels.start(session, side) for side in SIDES]
     updates: asyncio.Queue = asyncio.Queue()

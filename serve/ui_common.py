@@ -1,15 +1,14 @@
 """What the UI tabs share: their context, message normalisation, sampling controls, and one
 streaming loop over the server's `ChatEngine` that honours Stop and the server's limits.
 
-Every reply the UI asks for goes through the same admission as the API's requests
-(`serve.api.Admission`: `max_running` generations at once, `queue_size` waiting, then "busy"), and
-runs in a thread of its own through `serve.api.generate`, so the UI and the API share one queue and
-a Stop (or a closed browser tab) stops the engine at its next token.
+Every reply the UI asks for takes the server's one serving path, `serve.generation.generate`, as the
+API's requests do: the same prompt limit, the same admission (`max_running` generations at once,
+`queue_size` waiting, then "busy"), the same cancel registry (shutdown stops UI replies too), the
+engine in a thread of its own. A Stop (or a closed browser tab) stops the engine at its next token.
 
 The UI never tokenizes (the engine does): token counts and tokens/s come from the engine's chunks.
 """
 
-import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -18,9 +17,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from chatbuild.engines import ChatEngine, GenerationParams, PromptTooLong, check_params
+from chatbuild.engines import ChatEngine, GenerationParams, check_params
 from chatbuild.errors import UserError
-from serve.api import Admission, Busy, ServeState, generate
+from serve.api import ServeState
+from serve.generation import Busy, PromptOverLimit, generate
 
 ENGINE_GROUP = "engine"  # Gradio concurrency group of every event that generates text
 
@@ -235,52 +235,16 @@ class Progress:
         return " · ".join(parts)
 
 
-async def check_prompt_tokens(ctx: UIContext, engine: ChatEngine, messages: list[dict], model: str) -> None:
-    """The server's `max_prompt_tokens`, counted by the engine (engines that tokenize locally; the
-    API checks the same before queueing). The engine's own context window it checks itself."""
-    count = getattr(engine, "count_tokens", None)
-    if count is None:
-        return
-    limit = ctx.state.settings.max_prompt_tokens
-    try:  # tokenizing is CPU work: off the event loop; a hopeless conversation is refused untokenized
-        n, size = await asyncio.to_thread(count, messages, model, limit), None
-    except PromptTooLong as e:
-        n, size = e.tokens, e.chars and f"{e.chars:,} characters (at least {e.tokens:,} tokens)"
-    if n > limit:
-        raise UserError(f"This conversation is {size or f'{n:,} tokens'} long for {model}; this server accepts "
-                        f"at most {limit:,} prompt tokens (max_prompt_tokens). Shorten it or clear the chat.")
-
-
-def _admission(state: ServeState) -> Admission:
-    # Made on first use in the server's event loop (its semaphore belongs there), as the API does.
-    if state.admission is None:
-        state.admission = Admission(state.settings.max_running, state.settings.queue_size)
-    return state.admission
-
-
 async def stream_reply(ctx: UIContext, messages: list[dict], params: GenerationParams, model: str,
                        cancel: threading.Event) -> AsyncIterator[Progress]:
-    """Yield the growing reply after each chunk, having waited for a generation slot shared with the
-    API. The engine stops when `cancel` is set, and also when this generator is abandoned (Gradio
-    closes it when an event is cancelled or a browser goes away): `serve.api.generate` sets
-    `cancel` on its way out, so generation never runs on for nobody. UserError: the server is
-    busy, or the engine refused the request (prompt too long, ...)."""
-    engine, state = ctx.engine, ctx.state
-    await check_prompt_tokens(ctx, engine, messages, model)
-    admission = _admission(state)
-    try:
-        await admission.acquire()
-    except Busy:
-        raise UserError(f"The server is busy ({admission.running} replies in progress, {admission.waiting} "
-                        f"waiting); try again in {admission.retry_after()} s.") from None
-    started = time.perf_counter()
-    state.cancels.add(cancel)  # also stopped when the server shuts down
-
-    def on_thread_end():  # the generation really stopped: free its slot
-        state.cancels.discard(cancel)
-        admission.release(time.perf_counter() - started)
-
-    chunks = generate(engine, messages, params, model, cancel, on_thread_end)
+    """Yield the growing reply after each chunk, through the server's one serving path (prompt
+    limit, a generation slot shared with the API, the engine in a thread). The engine stops when
+    `cancel` is set, and also when this generator is abandoned (Gradio closes it when an event is
+    cancelled or a browser goes away): `serve.generation.generate` sets `cancel` on its way out, so
+    generation never runs on for nobody. UserError: the server is busy, or the prompt is over the
+    server's limit, or the engine refused the request (prompt too long for the model, ...)."""
+    engine = ctx.engine
+    chunks = generate(ctx.state, engine, messages, params, model, cancel)
     progress = Progress()
     try:
         async for chunk in chunks:
@@ -295,7 +259,14 @@ async def stream_reply(ctx: UIContext, messages: list[dict], params: GenerationP
         if progress.finish_reason is None:  # an engine that ended without saying why
             progress.finish_reason = "cancelled" if cancel.is_set() else "stop"
             yield progress
+    except Busy as e:  # both raised before the first chunk, so nothing was shown yet
+        raise UserError(f"The server is busy ({e.running} replies in progress, {e.waiting} waiting); "
+                        f"try again in {e.retry_after} s.") from None
+    except PromptOverLimit as e:
+        size = f"{e.chars:,} characters (at least {e.tokens:,} tokens)" if e.chars else f"{e.tokens:,} tokens"
+        raise UserError(f"This conversation is {size} long for {model}; this server accepts at most "
+                        f"{e.limit:,} prompt tokens (max_prompt_tokens). Shorten it or clear the chat.") from None
     finally:
-        # The `async for` above started `generate` (and its thread) with no await in between, so
-        # closing it always reaches its `finally`: cancel set, and the slot freed when the thread ends.
+        # Closing `generate` reaches its `finally` (cancel set) once it has started; its thread then
+        # frees the slot. Unstarted, it holds nothing yet.
         await chunks.aclose()

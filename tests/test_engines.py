@@ -128,6 +128,23 @@ def test_the_openai_engine_serves_run_folders_with_their_stop_strings(tiny_base,
     assert params_b.stop == [] and messages_b == HELLO  # a plain model name: passed through unchanged
 
 
+def test_remote_engines_declare_no_optional_capabilities():
+    """The remote and vLLM engines are ChatEngines whose server counts tokens and loads adapters, so
+    neither capability protocol holds: serve/ skips its prompt count and the Build tab does not
+    hot-load onto them. (Construction opens no connection.)"""
+    from chatbuild.engines import ChatEngine, CountsTokens, LoadsAdapters
+    from chatbuild.engines.remote import FormattedEngine, RemoteEngine
+    from chatbuild.engines.vllm import VLLMEngine
+
+    remote = RemoteEngine("http://127.0.0.1:9", models=["alpha"])
+    try:
+        for engine in (remote, FormattedEngine(remote, {}), VLLMEngine(remote, process=None, chat_formats={})):
+            assert isinstance(engine, ChatEngine), type(engine).__name__
+            assert not isinstance(engine, CountsTokens) and not isinstance(engine, LoadsAdapters), type(engine).__name__
+    finally:
+        remote.close()
+
+
 def test_importing_engines_stays_light():
     code = "import chatbuild.engines, sys; print(' '.join(sys.modules))"
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
@@ -139,6 +156,18 @@ def test_importing_engines_stays_light():
 @pytest.mark.integration
 def test_models_are_the_runs_then_the_base(engine, tiny_base):
     assert engine.models() == ["run-a", "run-b", tiny_base.name]
+
+
+@pytest.mark.integration
+def test_the_hf_engine_counts_tokens_and_loads_adapters(engine, runs):
+    """Both optional capabilities, as `isinstance` checks (what serve/ asks), and its base key is the
+    runs' own `Run.base_key()`."""
+    from chatbuild.engines import ChatEngine, CountsTokens, LoadsAdapters
+    from chatbuild.runs import load_run
+
+    assert isinstance(engine, ChatEngine) and isinstance(engine, CountsTokens) and isinstance(engine, LoadsAdapters)
+    assert engine.base_key == load_run(runs["run-a"]).base_key() == load_run(runs["run-b"]).base_key()
+    assert engine.count_tokens(HELLO, "run-a") > 0
 
 
 @pytest.mark.integration

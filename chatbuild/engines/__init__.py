@@ -24,6 +24,11 @@ Contract of `stream(messages, params, model, cancel)`:
 - setting `cancel` or closing the iterator stops the generation at the next token: no work
   continues for a reply nobody reads.
 Engines never see the UI; the UI never tokenizes.
+
+Optional capabilities are small protocols of their own, checked with `isinstance` (never by probing
+for a method): `CountsTokens` (the server checks its prompt limit before queueing) and
+`LoadsAdapters` (the Build tab serves a run it just trained). The hf engine has both; the remote and
+vLLM engines have neither (their server counts and loads).
 """
 
 import math
@@ -77,6 +82,29 @@ class ChatEngine(Protocol):
 
     def close(self) -> None:
         """Free the models (memory, connections). The engine is unusable afterwards."""
+        ...
+
+
+@runtime_checkable
+class CountsTokens(Protocol):
+    """An engine that tokenizes in this process, so a caller can measure a prompt before queueing it."""
+
+    def count_tokens(self, messages: list[dict], model: str, limit: int | None = None) -> int:
+        """Prompt tokens `messages` make for `model` (UserError if the conversation is malformed).
+        With `limit`, a conversation with more characters than `limit` tokens can spell is refused
+        with PromptTooLong without being tokenized (a count over `limit` is the caller's to refuse)."""
+        ...
+
+
+@runtime_checkable
+class LoadsAdapters(Protocol):
+    """An engine that serves more runs while it runs: each one's adapter on the base already loaded."""
+
+    base_key: tuple  # what a run must be trained on to be loaded here: its `chatbuild.runs.Run.base_key()`
+
+    def load_adapter(self, name: str, run_path: str | Path) -> str:
+        """Serve the run folder at `run_path` under `name`; returns the name. UserError if the run
+        was trained on another base (`base_key`) or the name is taken."""
         ...
 
 

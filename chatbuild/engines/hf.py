@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatbuild.config import ModelSettings, RunConfig
 from chatbuild.engines import (
     BASE_ADAPTER,
     GREEDY_BELOW,
@@ -95,7 +96,11 @@ class HFEngine:
         if not isinstance(chat_format, ChatFormat):
             chat_format = bare_base_format(tokenizer, chat_format)
         self._setup(model, tokenizer, base_name or _default_base_name(base), chat_format, max_prompt_tokens, max_batch)
-        self.base_key = (_normalized(base), revision, quant)  # what a run must be trained on to be served here
+        # What a run must be trained on to be served here (`LoadsAdapters`): the key of a run on this base.
+        # Double quantization is a 4-bit feature; a run's config records it off for int8 and none.
+        self.base_key = _base_key(ModelSettings(
+            base=base, revision=revision, quant=quant, double_quant=double_quant and quant in ("nf4", "fp4"),
+            quant_storage=quant_storage, compute_dtype=compute_dtype, trust_remote_code=trust_remote_code))
 
     @classmethod
     def from_model(cls, model, tokenizer, name: str, *, adapters: dict[str, str] | None = None,
@@ -151,7 +156,7 @@ class HFEngine:
             raise UserError("nothing to serve: give one or more run folders, or a base model")
         keys = {}
         for run in loaded:
-            keys.setdefault(_run_key(run), []).append(run)
+            keys.setdefault(run.base_key(), []).append(run)
         if len(keys) > 1:
             groups = "; ".join(f"{', '.join(r.name for r in rs)} on {_describe(k)}" for k, rs in keys.items())
             raise UserError(f"these runs were trained on different bases ({groups}); one server hosts one base, "
@@ -162,7 +167,7 @@ class HFEngine:
                      device=device, base_name=base_name, chat_format=chat_format,
                      max_prompt_tokens=max_prompt_tokens, max_batch=max_batch)
         if loaded:
-            engine.base_key = _run_key(loaded[0])  # what later runs must name, even when `base` moved it
+            engine.base_key = loaded[0].base_key()  # what later runs must name, even when `base` moved it
         for run in loaded:
             engine.load_adapter(engine.unique_name(run.name), run.path)
         return engine
@@ -192,8 +197,8 @@ class HFEngine:
         run = load_run(run_path)
         if name in self._models:
             raise UserError(f'a model named "{name}" is already served; pick another name')
-        if _run_key(run) != self.base_key:
-            raise UserError(f"{run.path}: trained on {_describe(_run_key(run))}, but this engine serves "
+        if run.base_key() != self.base_key:
+            raise UserError(f"{run.path}: trained on {_describe(run.base_key())}, but this engine serves "
                             f"{_describe(self.base_key)}")
         tokenizer = load_tokenizer(str(run.tokenizer_dir))
         if vocab_mismatch(self.model, tokenizer):
@@ -495,23 +500,18 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _normalized(base: str) -> str:
-    """A local base path in one spelling (absolute), so the same folder compares equal."""
-    path = Path(base).expanduser()
-    return str(path.resolve()) if path.exists() else base
-
-
 def _default_base_name(base: str) -> str:
     path = Path(base).expanduser()
     return path.resolve().name if path.exists() else base
 
 
-def _run_key(run: Run) -> tuple:
-    """What a run needs from the engine's base: the same weights, quantized the same way."""
-    m = run.config.model
-    return (_normalized(m.base), m.revision, m.quant)
+def _base_key(model: ModelSettings) -> tuple:
+    """The `Run.base_key()` of a run trained on `model`: one definition of "the same base" for the
+    runs an engine serves and the base it loaded (chatbuild.runs owns it)."""
+    return Run(path=Path(model.base), config=RunConfig(model=model), chat_format=ChatFormat()).base_key()
 
 
 def _describe(key: tuple) -> str:
-    base, revision, quant = key
-    return f"base {base}" + (f"@{revision}" if revision else "") + f" ({quant})"
+    """A base key for a message: "base <base>[@revision] (<quantization>, ...)"."""
+    base, revision, *how = key
+    return f"base {base}" + (f"@{revision}" if revision else "") + f" ({', '.join(map(str, how))})"

@@ -244,24 +244,34 @@ def test_huge_prompts_are_refused_without_tokenizing_and_a_small_request_is_not_
 
 
 def test_a_huge_ui_chat_history_is_refused_without_tokenizing(engine, tokenized, tmp_path):
-    """The UI's prompt check (`serve.ui_common.check_prompt_tokens`, what every UI reply runs first)
-    with a 10 MB chat history: a one-line refusal naming the limit, and the tokenizer never sees it."""
+    """The prompt check every UI reply runs first (`serve.ui_common.stream_reply`, through the server's
+    one path, `serve.generation.generate`) with a 10 MB chat history: a one-line refusal naming the
+    limit, and the tokenizer never sees it."""
     import asyncio
 
     from serve.api import ServeState
-    from serve.ui_common import UIContext, check_prompt_tokens
+    from serve.ui_common import UIContext, stream_reply
 
     ctx = UIContext(ServeState(Settings(max_prompt_tokens=MAX_PROMPT_TOKENS), engine=engine), tmp_path / "db.sqlite")
+
+    async def first_progress(messages):
+        replies = stream_reply(ctx, messages, GenerationParams(temperature=0, max_new_tokens=1), "run-a",
+                               threading.Event())
+        try:
+            return await anext(replies)
+        finally:
+            await replies.aclose()
+
     history = []
     for i in range(100):
         history += [{"role": "user", "content": f"question {i} " + "x" * 50_000},
                     {"role": "assistant", "content": "y" * 50_000}]
     history.append({"role": "user", "content": "and now?"})
     with pytest.raises(UserError) as e:
-        asyncio.run(check_prompt_tokens(ctx, engine, history, "run-a"))
+        asyncio.run(first_progress(history))
     assert "\n" not in str(e.value) and "max_prompt_tokens" in str(e.value)
     assert max(tokenized, default=0) <= MAX_PROMPT_TOKENS * longest_token_chars(engine, "run-a")
-    asyncio.run(check_prompt_tokens(ctx, engine, HELLO, "run-a"))  # a normal conversation passes
+    assert asyncio.run(first_progress(HELLO)).completion_tokens >= 0  # a normal conversation passes
 
 
 # ── "Low": numbers out of range are 400 naming the field, never 500 ──────────────────────────
