@@ -8,7 +8,7 @@ import time
 import pytest
 
 from chatbuild.errors import UserError
-from chatbuild.jobs import JobManager
+from serve.jobs import JobManager
 from chatbuild.runs import is_run
 
 pytestmark = pytest.mark.integration

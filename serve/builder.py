@@ -2,7 +2,7 @@
 
     data (bundled sample, a file in the data folder, an upload, a hub id) → preview
     settings (a preset, then base, quantization, LoRA, training length) → checks per field, memory estimate
-    start → a fine-tune job (`chatbuild.jobs`: a separate process, tracked in SQLite)
+    start → a fine-tune job (`serve.jobs`: a separate process, tracked in SQLite)
     done → the run is hot-loaded into the server's engine (Chat and Arena pick it up), and
     "evaluate against …" runs `chatbuild eval run` as another job, whose battles land in the
     server's database (the Leaderboard tab shows them)
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatbuild.errors import UserError
-from chatbuild.jobs import Job, JobManager
+from serve.jobs import Job, JobManager
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "presets"
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".parquet")
@@ -93,7 +93,7 @@ BOUNDS = {
 }
 MAX_TEXT = 512  # characters of any one form value (a base's hub id or folder, a choice)
 # The hub's credentials: the one secret a fine-tune needs (gated bases and datasets); no job gets
-# the server's other keys (chatbuild.jobs.job_environment).
+# the server's other keys (serve.jobs.job_environment).
 HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
