@@ -35,11 +35,11 @@ import time
 import warnings
 from pathlib import Path
 
+from chatbuild import presets
 from chatbuild.config import RunConfig, load_config, save_config, to_dict
 from chatbuild.errors import UserError
 from chatbuild.runs import ADAPTER_FILES
 
-PRESETS = Path(__file__).resolve().parent / "presets"
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "chatbuild" / "data" / "sample" / "oasst1_sample.jsonl"
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
 
@@ -58,17 +58,15 @@ class TrainingStopped(Exception):
 
 # ── config ──────────────────────────────────────────────────────────────────────────────────────
 def resolve_preset(name: str | None) -> Path | None:
-    """A preset is a YAML path, or the name of one in pipelines/presets/ (with or without .yaml)."""
+    """A preset is a YAML path, or the name of a bundled one (`chatbuild.presets`, with or without .yaml)."""
     if name is None:
         return None
     path = Path(name)
     if path.is_file():
         return path
-    bundled = PRESETS / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if bundled.is_file():
-        return bundled
-    known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
-    raise UserError(f'preset "{name}" is neither a file nor a bundled preset ({known})')
+    if name.removesuffix(".yaml") in presets.names():
+        return presets.path(name.removesuffix(".yaml"))
+    raise UserError(f'preset "{name}" is neither a file nor a bundled preset ({", ".join(presets.names())})')
 
 
 def resolve_config(preset: str | None, overrides: list[str]) -> RunConfig:
@@ -694,7 +692,7 @@ def write_model_card(run_dir: Path, cfg: RunConfig, report, n_train: int, n_val:
 # ── command line ────────────────────────────────────────────────────────────────────────────────
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("preset", nargs="?", help="a YAML preset file or a bundled preset name "
-                   f"({', '.join(sorted(x.stem for x in PRESETS.glob('*.yaml')))})")
+                   f"({', '.join(presets.names())})")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4 lora.r=16")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace whatever output_dir holds")

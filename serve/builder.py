@@ -33,10 +33,10 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatbuild import presets as bundled_presets
 from chatbuild.errors import UserError
 from serve.jobs import Job, JobManager
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "presets"
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".parquet")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
@@ -98,20 +98,16 @@ HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 def presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    return bundled_presets.names()
 
 
 def preset_path(name: str) -> Path:
-    if name not in presets():
-        raise UserError(f'preset "{name}" is unknown; pick one of {", ".join(presets())}')
-    return PRESETS_DIR / f"{name}.yaml"
+    return bundled_presets.path(name)
 
 
 def preset_values(name: str) -> dict:
     """The form's values for a preset: its settings over the defaults, for every field in FIELDS."""
-    from chatbuild.config import load_config, to_dict
-
-    flat = to_dict(load_config(preset_path(name)))
+    flat = bundled_presets.values(name)
     out = {}
     for key in FIELDS:
         section, field = key.split(".")
