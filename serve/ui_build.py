@@ -30,9 +30,9 @@ import html
 import gradio as gr
 import pandas as pd
 
-from serve.builder import FIELDS, Builder, DataChoice, preset_values, presets, progress_of
 from chatbuild.data import FORMATS, MODES
 from chatbuild.errors import UserError
+from serve.builder import FIELDS, Builder, DataChoice, preset_values, presets, progress_of
 from serve.jobs import FINISHED
 from serve.ui_common import UIContext
 from serve.uploads import discard, uploaded_file

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from chatbuild.errors import UserError
-from serve.jobs import JobManager
 from chatbuild.runs import is_run
+from serve.jobs import JobManager
 
 pytestmark = pytest.mark.integration
 

@@ -147,8 +147,8 @@ def test_out_of_range_settings_are_refused_by_field_and_nothing_starts(tmp_path)
                               error=ValidationError)
             assert expected in message, (changes, message)
         # the same checks guard the Builder itself, whoever calls it, and name the field
-        from serve.builder import DataChoice
         from chatbuild.errors import UserError
+        from serve.builder import DataChoice
 
         values = dict(zip(FIELDS, form("direct", **{"train.steps": 10**9})[8:]))
         with pytest.raises(UserError, match=r"Steps: must be in \[1, 100000\]"):
