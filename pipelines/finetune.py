@@ -36,6 +36,7 @@ import warnings
 from pathlib import Path
 
 from chatbuild import presets
+from chatbuild.bases import resolve_base
 from chatbuild.config import RunConfig, load_config, save_config, to_dict
 from chatbuild.errors import UserError
 from chatbuild.runs import ADAPTER_FILES
@@ -76,32 +77,6 @@ def resolve_config(preset: str | None, overrides: list[str]) -> RunConfig:
     if cfg.data.train == "sample":
         cfg.data.train = str(SAMPLE_DATA)
     return cfg
-
-
-def resolve_base(name: str) -> str:
-    """The model folder (or hub id) for `model.base`: "tiny" is the embedded tiny base, built once into
-    $CHATBUILD_HOME/tiny-base; a short name such as "smollm2" or a .gguf file is imported once into
-    $CHATBUILD_HOME/bases (chatbuild.bases); anything else is used as it is."""
-    from chatbuild import bases
-    from chatbuild.modeling import TINY_BASE, tiny_base_dir
-
-    if bases.needs_import(name):
-        return bases.resolve(name)
-    if name != TINY_BASE:
-        return name
-    out = tiny_base_dir()
-    home = out.parent
-    if not (out / "model.safetensors").is_file():
-        import fcntl
-
-        from pipelines.tiny_base import build_tiny_base
-
-        home.mkdir(parents=True, exist_ok=True)
-        with open(home / ".tiny-base.lock", "w") as lock:  # several ranks may ask at once
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (out / "model.safetensors").is_file():
-                build_tiny_base(out, force=True)
-    return str(out.resolve())
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path | None:
