@@ -403,7 +403,7 @@ class Builder:
         """Evaluate `model` against `against` (both served by this server) on the demo or Vicuna
         questions, judged by the configured judge (else by `model` itself, restricted to the verdict
         markers — a smoke test, not a verdict to trust; the tab says so), as a job of `login`."""
-        import yaml
+        from chatbuild.evalconfig import write_eval_config
 
         self._allow(login)
         engine = self.engine()
@@ -424,10 +424,10 @@ class Builder:
         out.mkdir(parents=True)
         judge = ({"url": self.judge_url, "model": self.judge_model} if self.judge_url and self.judge_model else
                  {"url": self.self_url, "model": model, "guided_choice": True, "max_tokens": 8})
-        cfg = {"questions": questions, "models": [f"{m}@{self.self_url}" for m in (model, against)], "out": str(out),
-               "generation": {"max_tokens": int(max_tokens), "seed": 0, "concurrency": 2},
-               "judge": {**judge, "concurrency": 2}, "ratings": {"method": "bt", "bootstrap": 100}}
-        (out / "eval.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        write_eval_config(out / "eval.yaml", questions=questions, out=out,
+                          models=[f"{m}@{self.self_url}" for m in (model, against)],
+                          generation={"max_tokens": int(max_tokens), "seed": 0, "concurrency": 2},
+                          judge={**judge, "concurrency": 2}, ratings={"method": "bt", "bootstrap": 100})
         try:
             return self.jobs.submit(name, out, overrides=[str(out / "eval.yaml")], kind="eval", owner=login)
         except UserError:  # the queue is full: keep no folder of a job that does not exist
