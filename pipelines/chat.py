@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         raise UserError("--temperature must be >= 0, --top-p in (0, 1], --max-new-tokens >= 1")
-    from pipelines.finetune import resolve_base
+    from chatbuild.bases import resolve_base
 
     run_ = load_run(args.run)
     engine = HFEngine.from_runs([run_.path], base=resolve_base(run_.base))  # a run naming "smollm2" or a .gguf

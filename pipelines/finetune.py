@@ -35,11 +35,11 @@ import time
 import warnings
 from pathlib import Path
 
-from chatbuild import runs
+from chatbuild import presets, runs
+from chatbuild.bases import resolve_base
 from chatbuild.config import RunConfig, load_config
 from chatbuild.errors import UserError
 
-PRESETS = Path(__file__).resolve().parent / "presets"
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "chatbuild" / "data" / "sample" / "oasst1_sample.jsonl"
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
 
@@ -58,17 +58,15 @@ class TrainingStopped(Exception):
 
 # ── config ──────────────────────────────────────────────────────────────────────────────────────
 def resolve_preset(name: str | None) -> Path | None:
-    """A preset is a YAML path, or the name of one in pipelines/presets/ (with or without .yaml)."""
+    """A preset is a YAML path, or the name of a bundled one (`chatbuild.presets`, with or without .yaml)."""
     if name is None:
         return None
     path = Path(name)
     if path.is_file():
         return path
-    bundled = PRESETS / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if bundled.is_file():
-        return bundled
-    known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
-    raise UserError(f'preset "{name}" is neither a file nor a bundled preset ({known})')
+    if name.removesuffix(".yaml") in presets.names():
+        return presets.path(name.removesuffix(".yaml"))
+    raise UserError(f'preset "{name}" is neither a file nor a bundled preset ({", ".join(presets.names())})')
 
 
 def resolve_config(preset: str | None, overrides: list[str]) -> RunConfig:
@@ -78,32 +76,6 @@ def resolve_config(preset: str | None, overrides: list[str]) -> RunConfig:
     if cfg.data.train == "sample":
         cfg.data.train = str(SAMPLE_DATA)
     return cfg
-
-
-def resolve_base(name: str) -> str:
-    """The model folder (or hub id) for `model.base`: "tiny" is the embedded tiny base, built once into
-    $CHATBUILD_HOME/tiny-base; a short name such as "smollm2" or a .gguf file is imported once into
-    $CHATBUILD_HOME/bases (chatbuild.bases); anything else is used as it is."""
-    from chatbuild import bases
-    from chatbuild.modeling import TINY_BASE, tiny_base_dir
-
-    if bases.needs_import(name):
-        return bases.resolve(name)
-    if name != TINY_BASE:
-        return name
-    out = tiny_base_dir()
-    home = out.parent
-    if not (out / "model.safetensors").is_file():
-        import fcntl
-
-        from pipelines.tiny_base import build_tiny_base
-
-        home.mkdir(parents=True, exist_ok=True)
-        with open(home / ".tiny-base.lock", "w") as lock:  # several ranks may ask at once
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (out / "model.safetensors").is_file():
-                build_tiny_base(out, force=True)
-    return str(out.resolve())
 
 
 # ── the program ─────────────────────────────────────────────────────────────────────────────────
@@ -491,7 +463,7 @@ def make_progress(total: int, start: int, enabled: bool):
 # ── command line ────────────────────────────────────────────────────────────────────────────────
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("preset", nargs="?", help="a YAML preset file or a bundled preset name "
-                   f"({', '.join(sorted(x.stem for x in PRESETS.glob('*.yaml')))})")
+                   f"({', '.join(presets.names())})")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4 lora.r=16")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace whatever output_dir holds")

@@ -27,10 +27,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from chatbuild.bases import resolve_base
 from chatbuild.config import save_config
 from chatbuild.errors import UserError
 from chatbuild.runs import ADAPTER_FILES, load_run
-from pipelines.finetune import resolve_base
 
 COMBINATIONS = ("cat", "linear", "svd", "ties", "dare_linear")
 

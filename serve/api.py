@@ -169,7 +169,7 @@ class ServeState:
     cancels: set = field(default_factory=set)  # cancel events of the generations in progress (API and UI)
     admission: Admission | None = None  # the one generation gate (serve.generation.admission_of)
     on_shutdown: list = field(default_factory=list)  # callables run when the app stops (the Builder's queue)
-    builder: object = None  # the Build tab's `chatbuild.builder.Builder`, when it is on
+    builder: object = None  # the Build tab's `serve.builder.Builder`, when it is on
 
     def attach(self, engine: ChatEngine) -> None:
         self.engine = engine

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
     # ── load, then serve ──
     if args.base and args.engine in ("hf", "vllm"):  # tiny, smollm2, a .gguf file: made a folder on first use
-        from pipelines.finetune import resolve_base
+        from chatbuild.bases import resolve_base
 
         args.base = resolve_base(args.base)
     if args.engine == "vllm":  # chatbuild/engines/vllm.py: a `vllm serve` child behind the remote engine

@@ -28,7 +28,7 @@ class Settings:
     db_path: str | None = None  # the UI's SQLite database (arena votes, ...); None: chatbuild.storage's default
     max_votes_per_minute: int = 10  # arena votes one login (one session without logins) may cast a minute; 0: no limit
     # The Build tab (fine-tune and evaluate from the browser): off unless asked for, since it runs jobs
-    # on this machine. Its folder holds uploads, runs, evaluations and job logs (chatbuild.builder).
+    # on this machine. Its folder holds uploads, runs, evaluations and job logs (serve.builder).
     builder: bool = False
     builder_dir: str | None = None  # None: builder/ beside the database
     max_upload_bytes: int = 200 * 1024 * 1024  # largest dataset upload to the Build tab
@@ -38,7 +38,7 @@ class Settings:
     # The web UI's routes (everything outside /v1): a larger body is refused with 413 before it is read
     # (serve/app.py). A chat history travels in every request, so this is also the largest chat import.
     max_ui_body_bytes: int = 4_000_000
-    # Who may build, and how much (chatbuild.builder): with UI logins, only the logins listed here
+    # Who may build, and how much (serve.builder): with UI logins, only the logins listed here
     # ("*": every login; None: none). Without UI logins the tab is open (loopback only, see serve/cli.py).
     builder_users: list[str] | None = None
     builder_max_queued: int = 8  # Build jobs queued or running at once; one more is refused

@@ -98,10 +98,10 @@ def mount_ui(app: FastAPI, state: ServeState) -> FastAPI:
 
 
 def start_builder(state: ServeState, db_path: Path):
-    """The Build tab's backend (`chatbuild.builder`), its job queue running; stopped with the app."""
+    """The Build tab's backend (`serve.builder`), its job queue running; stopped with the app."""
     import os
 
-    from chatbuild.builder import Builder
+    from serve.builder import Builder
 
     s = state.settings
     root = Path(s.builder_dir) if s.builder_dir else db_path.parent / "builder"

@@ -5,7 +5,7 @@
     2. Settings  a preset as the starting point, then base, quantization, LoRA and training length;
                  a memory estimate (`chatbuild.planner`) follows the settings
     3. Run       Start checks every field (errors appear on the field, before anything starts) and
-                 queues a fine-tune job: a separate process (`chatbuild.jobs`), never this server's
+                 queues a fine-tune job: a separate process (`serve.jobs`), never this server's
     Jobs         every job with its state; the selected one's progress bar, loss curve, tokens/s,
                  memory and log tail, refreshed every second; Cancel (checkpoint, then stop), Resume
     Evaluate     "evaluate against …": an eval job over this server's API on the demo or Vicuna
@@ -22,7 +22,7 @@ Arena model pickers of every open page pick it up at their next refresh.
 API names (gradio_client): /build_preset /build_estimate /build_upload /build_preview /build_start
 /build_job /build_cancel /build_resume /build_evaluate.
 
-The logic lives in `chatbuild.builder` (no Gradio); this module is layout and wiring.
+The logic lives in `serve.builder` (no Gradio); this module is layout and wiring.
 """
 
 import html
@@ -30,10 +30,11 @@ import html
 import gradio as gr
 import pandas as pd
 
-from chatbuild.builder import FIELDS, Builder, DataChoice, preset_values, presets, progress_of
 from chatbuild.data import FORMATS, MODES
+from chatbuild.engines import LoadsAdapters
 from chatbuild.errors import UserError
-from chatbuild.jobs import FINISHED
+from serve.builder import FIELDS, Builder, DataChoice, preset_values, presets, progress_of
+from serve.jobs import FINISHED
 from serve.ui_common import UIContext
 from serve.uploads import discard, uploaded_file
 
@@ -270,9 +271,9 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
 def _defaults(ctx: UIContext) -> dict:
     """The tiny preset, on the base this server serves (so the result can be served here at once)."""
     values = preset_values(DEFAULT_PRESET)
-    key = getattr(ctx.state.engine, "base_key", None)
-    if key:
-        values["model.base"], values["model.quant"] = key[0], key[2]
+    engine = ctx.state.engine
+    if isinstance(engine, LoadsAdapters):  # key: (base, revision, quant, ...), see Run.base_key()
+        values["model.base"], values["model.quant"] = engine.base_key[0], engine.base_key[2]
     return values
 
 

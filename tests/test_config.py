@@ -6,7 +6,8 @@ import yaml
 
 from chatbuild.config import RunConfig, load_config, read_config, save_config
 from chatbuild.errors import ConfigError, UserError
-from pipelines.finetune import PRESETS, resolve_config
+from chatbuild.presets import DIR as PRESETS
+from pipelines.finetune import resolve_config
 
 
 def test_defaults_reproduce_the_guanaco_recipe():

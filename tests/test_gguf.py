@@ -83,7 +83,7 @@ def test_smollm2_imports_into_a_plain_model_folder(smollm2_home, smollm2_base, s
 
 def test_smollm2_is_found_again_not_reimported(smollm2_home, smollm2_base, monkeypatch):
     """`model.base=smollm2` with that CHATBUILD_HOME resolves to the same folder without a new import."""
-    from pipelines.finetune import resolve_base
+    from chatbuild.bases import resolve_base
 
     monkeypatch.setenv("CHATBUILD_HOME", str(smollm2_home))
     stamp = (smollm2_base / "model.safetensors").stat().st_mtime_ns

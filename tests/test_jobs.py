@@ -8,8 +8,8 @@ import time
 import pytest
 
 from chatbuild.errors import UserError
-from chatbuild.jobs import JobManager
 from chatbuild.runs import is_run
+from serve.jobs import JobManager
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +117,7 @@ def test_cancel_a_queued_job_and_bad_transitions(manager, tiny_base, tmp_path):
 def test_every_kind_starts_through_the_installed_command_line(tmp_path):
     """The kinds table: a fine-tune's output folder travels as output_dir=, a resumed one continues
     instead of overwriting; every kind runs `python -m chatbuild.cli <program>`, never a source tree."""
-    from chatbuild.jobs import JOB_KINDS, Job, job_kind
+    from serve.jobs import JOB_KINDS, Job, job_kind
 
     assert set(JOB_KINDS) == {"finetune", "eval"}
     finetune = job_kind("finetune")

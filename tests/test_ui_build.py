@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from chatbuild.builder import FIELDS
 from chatbuild.errors import UserError
+from serve.builder import FIELDS
 
 pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
@@ -120,7 +120,7 @@ def test_uploads_never_leave_the_data_folder(build, tmp_path):
     assert again == "evil-2.jsonl"  # never over another file
     with pytest.raises(UserError, match="not a dataset file"):
         builder.save_upload(src, name="run.sh")
-    from chatbuild.builder import DataChoice
+    from serve.builder import DataChoice
 
     for bad in ("../chatbuild.sqlite", "/etc/passwd", "../../etc/passwd"):
         with pytest.raises(UserError, match="only files in the data folder"):
@@ -205,8 +205,8 @@ def test_a_failing_job_shows_its_error_and_log(build):
 
 def test_a_restarted_server_serves_finished_runs_again(build, tiny_run):
     """A new Builder on the same database (as after a restart) hot-loads the runs its jobs finished."""
-    from chatbuild.builder import Builder
     from chatbuild.engines.hf import HFEngine
+    from serve.builder import Builder
 
     _, engine, builder, db = build
     done = [j for j in builder.jobs.jobs() if j.status == "done" and j.kind == "finetune"]

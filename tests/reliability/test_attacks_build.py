@@ -26,8 +26,8 @@ from gradio_client.exceptions import AppError, ValidationError  # noqa: E402
 from reliability_helpers import record, wait_until  # noqa: E402
 from test_ui_helpers import ScriptedEngine, gradio_client, serving, ui_app  # noqa: E402
 
-from chatbuild.builder import FIELDS  # noqa: E402
-from chatbuild.jobs import _alive  # noqa: E402
+from serve.builder import FIELDS  # noqa: E402
+from serve.jobs import _alive  # noqa: E402
 
 pytestmark = pytest.mark.reliability
 
@@ -147,8 +147,8 @@ def test_out_of_range_settings_are_refused_by_field_and_nothing_starts(tmp_path)
                               error=ValidationError)
             assert expected in message, (changes, message)
         # the same checks guard the Builder itself, whoever calls it, and name the field
-        from chatbuild.builder import DataChoice
         from chatbuild.errors import UserError
+        from serve.builder import DataChoice
 
         values = dict(zip(FIELDS, form("direct", **{"train.steps": 10**9})[8:]))
         with pytest.raises(UserError, match=r"Steps: must be in \[1, 100000\]"):

@@ -28,8 +28,8 @@ import pytest
 from reliability_helpers import record
 from test_ui_helpers import ScriptedEngine, gradio_client, serving, text_of, ui_app
 
-from chatbuild.builder import DataChoice
 from chatbuild.errors import UserError
+from serve.builder import DataChoice
 
 pytestmark = pytest.mark.reliability
 

@@ -2,7 +2,7 @@
 
     data (bundled sample, a file in the data folder, an upload, a hub id) → preview
     settings (a preset, then base, quantization, LoRA, training length) → checks per field, memory estimate
-    start → a fine-tune job (`chatbuild.jobs`: a separate process, tracked in SQLite)
+    start → a fine-tune job (`serve.jobs`: a separate process, tracked in SQLite)
     done → the run is hot-loaded into the server's engine (Chat and Arena pick it up), and
     "evaluate against …" runs `chatbuild eval run` as another job, whose battles land in the
     server's database (the Leaderboard tab shows them)
@@ -33,11 +33,11 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatbuild import presets as bundled_presets
 from chatbuild.engines import LoadsAdapters
 from chatbuild.errors import UserError
-from chatbuild.jobs import Job, JobManager, job_kind
+from serve.jobs import Job, JobManager, job_kind
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "presets"
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".parquet")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
@@ -94,25 +94,21 @@ BOUNDS = {
 }
 MAX_TEXT = 512  # characters of any one form value (a base's hub id or folder, a choice)
 # The hub's credentials: the one secret a fine-tune needs (gated bases and datasets); no job gets
-# the server's other keys (chatbuild.jobs.job_environment).
+# the server's other keys (serve.jobs.job_environment).
 HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 def presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    return bundled_presets.names()
 
 
 def preset_path(name: str) -> Path:
-    if name not in presets():
-        raise UserError(f'preset "{name}" is unknown; pick one of {", ".join(presets())}')
-    return PRESETS_DIR / f"{name}.yaml"
+    return bundled_presets.path(name)
 
 
 def preset_values(name: str) -> dict:
     """The form's values for a preset: its settings over the defaults, for every field in FIELDS."""
-    from chatbuild.config import load_config, to_dict
-
-    flat = to_dict(load_config(preset_path(name)))
+    flat = bundled_presets.values(name)
     out = {}
     for key in FIELDS:
         section, field = key.split(".")
@@ -407,7 +403,7 @@ class Builder:
         """Evaluate `model` against `against` (both served by this server) on the demo or Vicuna
         questions, judged by the configured judge (else by `model` itself, restricted to the verdict
         markers — a smoke test, not a verdict to trust; the tab says so), as a job of `login`."""
-        import yaml
+        from chatbuild.evalconfig import write_eval_config
 
         self._allow(login)
         engine = self.engine()
@@ -428,10 +424,10 @@ class Builder:
         out.mkdir(parents=True)
         judge = ({"url": self.judge_url, "model": self.judge_model} if self.judge_url and self.judge_model else
                  {"url": self.self_url, "model": model, "guided_choice": True, "max_tokens": 8})
-        cfg = {"questions": questions, "models": [f"{m}@{self.self_url}" for m in (model, against)], "out": str(out),
-               "generation": {"max_tokens": int(max_tokens), "seed": 0, "concurrency": 2},
-               "judge": {**judge, "concurrency": 2}, "ratings": {"method": "bt", "bootstrap": 100}}
-        (out / "eval.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        write_eval_config(out / "eval.yaml", questions=questions, out=out,
+                          models=[f"{m}@{self.self_url}" for m in (model, against)],
+                          generation={"max_tokens": int(max_tokens), "seed": 0, "concurrency": 2},
+                          judge={**judge, "concurrency": 2}, ratings={"method": "bt", "bootstrap": 100})
         try:
             return self.jobs.submit(name, out, overrides=[str(out / "eval.yaml")], kind="eval", owner=login)
         except UserError:  # the queue is full: keep no folder of a job that does not exist
@@ -473,7 +469,7 @@ class Builder:
 
 def progress_of(job: Job) -> dict:
     """A job's progress for the tab: fraction done, step/steps, loss, tokens/s, memory, curves."""
-    p = job.progress()  # what the job's kind reports (chatbuild.jobs.JOB_KINDS)
+    p = job.progress()  # what the job's kind reports (serve.jobs.JOB_KINDS)
     if job.status == "done":
         fraction = 1.0
     elif p.get("steps"):
