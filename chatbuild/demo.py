@@ -80,7 +80,7 @@ def call(*argv: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chatbuild.runs import is_run
+    from chatbuild import runs
 
     root = Path(args.dir)
     flavour = TINY if args.tiny else REAL
@@ -93,10 +93,10 @@ def run(args: argparse.Namespace) -> int:
 
     step(f"2. QLoRA fine-tune (preset {flavour.preset}: NF4 + double quant base, LoRA, paged AdamW where CUDA is)")
     t = time.perf_counter()
-    if args.fresh or not is_run(run_dir):
+    if args.fresh or not runs.is_run(run_dir):
         call("finetune", flavour.preset, f"model.base={base}", f"output_dir={run_dir}", "--overwrite")
         print(f"fine-tuned in {_minutes(time.perf_counter() - t)}")
-    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    evals = [r for r in runs.read_metrics(run_dir) if "eval_loss" in r]
     if evals:
         print(f"validation loss {evals[0]['eval_loss']:.3f} (step {evals[0]['step']}) → "
               f"{evals[-1]['eval_loss']:.3f} (step {evals[-1]['step']})")
