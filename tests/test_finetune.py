@@ -99,6 +99,37 @@ def test_lora_weights_move_and_base_weights_do_not(tiny_base, tmp_path, monkeypa
     assert not unmoved, f"LoRA tensors that did not move: {unmoved[:3]}"
 
 
+def test_a_validation_pass_does_not_change_the_training_kernel(tiny_base):
+    """bitsandbytes repacks 4-bit weights for a CPU inference kernel (no autograd formula) on the first
+    no-grad eval forward where the CPU has AVX512-BF16; a model being trained must not switch. LoRA
+    gradients after a validation pass equal those without one. (On CPUs without AVX512-BF16 the
+    repacking never happens and both sides take the same path.)"""
+    from bitsandbytes.nn import Linear4bit
+
+    from chatbuild.modeling import attach_lora, load_base_model
+
+    ids = torch.arange(3, 35).reshape(2, 16)
+
+    def lora_grads(validate_first: bool) -> dict:
+        torch.manual_seed(0)
+        model = attach_lora(load_base_model(str(tiny_base), quant="nf4", double_quant=True,
+                                            compute_dtype="float32", device="cpu"), 4, 8, 0.0)
+        if validate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+        assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, validated = lora_grads(False), lora_grads(True)
+    assert plain.keys() == validated.keys() and plain
+    for n in plain:
+        assert torch.equal(plain[n], validated[n]), n
+
+
 def test_adapter_loads_with_plain_peft_and_matches_our_loader(tiny_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
