@@ -2,16 +2,8 @@
 
     answers (every model, every question) → judge (every pair, both orders) → ratings → leaderboard
 
-A config names the questions, the models and the judge; everything else has defaults (the
-dataclasses in `chatbuild/evalconfig.py`). Relative paths in it are relative to the config file. Example:
-
-    questions: vicuna                       # demo | vicuna | a questions JSONL
-    models:                                 # run folders, NAME@URL, or the runs' bare base by name
-      - runs/guanaco-7b
-      - gpt-4o@https://api.openai.com/v1
-    judge: {url: "https://api.openai.com/v1", model: gpt-4o}
-    ratings: {method: paper, permutations: 10000}
-    out: eval/guanaco-vs-gpt4o
+A config names the questions, the models and the judge; everything else has defaults. Its schema,
+with an example, is `chatbuild/evalconfig.py`; relative paths in it are relative to the config file.
 
 Everything lands in `out/`:
 

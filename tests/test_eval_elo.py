@@ -153,7 +153,8 @@ def test_a_new_rating_method_is_one_registry_entry(tmp_path, monkeypatch, capsys
     it and computes with it, and the eval config check accepts it."""
     from chatbuild import ratings
     from chatbuild.errors import ConfigError
-    from eval.run import EvalConfig, JudgeSettings, RatingSettings, check
+    from chatbuild.evalconfig import EvalConfig, JudgeSettings, RatingSettings
+    from eval.run import check
 
     def wins(table, k, permutations, seed):  # a model's rating: 1000 + its wins (ties half)
         w = ratings.win_matrix(table).sum(axis=1)

@@ -156,7 +156,7 @@ def test_a_job_runs_then_its_model_is_served_and_chats(build):
         stats, rows, log, curve, bar = wait_job(client, job_id)
         assert rows[job_id][3] == "done", log
         assert rows[job_id][4] == "3/3" and "served as built-1" in rows[job_id][6]
-        assert "pipelines.finetune" in log and 'data-fraction="1.0000"' in bar
+        assert "chatbuild.cli finetune" in log and 'data-fraction="1.0000"' in bar
         points = curve["data"]  # the loss curve: (step, loss, split) rows, numeric axes
         assert [p[0] for p in points if p[2] == "train"] == [1, 2, 3] and curve["datatypes"]["loss"] == "quantitative"
         assert "built-1" in engine.models()

@@ -79,7 +79,7 @@ def test_build_a_run_in_the_browser_then_chat_with_it(app, artifacts_dir):
         assert fraction(page) == 1.0
         stats = page.inner_text("#build-stats")
         assert re.search(r"step 12 of 12 · loss \d+\.\d+", stats), stats
-        assert "pipelines.finetune" in page.locator("#build-log textarea").input_value()
+        assert "chatbuild.cli finetune" in page.locator("#build-log textarea").input_value()
         page.screenshot(path=str(artifacts_dir / "build-done.png"), full_page=True)
         assert "browser-run" in engine.models()
 
