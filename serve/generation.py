@@ -30,6 +30,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import anyio.to_thread
+
 from chatbuild.engines import ChatEngine, Chunk, CountsTokens, GenerationParams, PromptTooLong
 from chatbuild.errors import UserError
 
@@ -100,8 +102,11 @@ async def check_prompt(engine: ChatEngine, messages: list[dict], model: str, lim
     conversation is the engine's UserError."""
     if not isinstance(engine, CountsTokens):
         return
-    try:  # tokenizing is CPU work: off the event loop; a hopeless conversation is refused untokenized
-        tokens, chars = await asyncio.to_thread(engine.count_tokens, messages, model, limit), None
+    # Tokenizing is CPU work: off the event loop, in AnyIO's worker pool (the one FastAPI and Gradio
+    # use), which lets idle workers go; asyncio's default executor would keep its threads for the life of
+    # the server. A hopeless conversation is refused untokenized.
+    try:
+        tokens, chars = await anyio.to_thread.run_sync(engine.count_tokens, messages, model, limit), None
     except PromptTooLong as e:
         tokens, chars = e.tokens, e.chars
     if tokens > limit:
