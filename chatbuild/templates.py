@@ -348,7 +348,7 @@ class Encoded:
 
 
 def encode(fmt: ChatFormat, tokenizer, messages: list[dict], max_length: int | None = None,
-           train_on_prompts: bool = False) -> Encoded:
+           train_on_prompts: bool = False, last_reply_only: bool = False) -> Encoded:
     """Tokenize a conversation for training (see the module docstring for the label contract).
 
     Truncation to `max_length` cuts right after the last complete assistant reply (its EOS included)
@@ -359,6 +359,8 @@ def encode(fmt: ChatFormat, tokenizer, messages: list[dict], max_length: int | N
     -100 and the caller should drop the example."""
     check_messages(messages)
     text, spans = render(fmt, tokenizer, messages)
+    if last_reply_only:  # the other replies are context (encode_reply)
+        spans = spans[-1:]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     in_reply = [any(s <= start < e for s, e in spans) for start, _ in offsets]
@@ -367,6 +369,14 @@ def encode(fmt: ChatFormat, tokenizer, messages: list[dict], max_length: int | N
         ids, trained = _truncate(ids, trained, in_reply, offsets, spans, max_length, tokenizer.eos_token_id)
     labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
     return Encoded(ids, labels)
+
+
+def encode_reply(fmt: ChatFormat, tokenizer, prompt: list[dict], reply: str, max_length: int | None = None) -> Encoded:
+    """Tokenize `prompt` (ending with a user turn) followed by the assistant's `reply`, learning only the
+    reply (earlier assistant turns are context): one side of a preference pair. Truncation is `encode`'s
+    with the reply as the only trained turn: a reply that does not fit is cut with a trained EOS; if the
+    prompt alone fills `max_length`, every label is -100 and the caller should drop the pair."""
+    return encode(fmt, tokenizer, [*prompt, {"role": "assistant", "content": reply}], max_length, last_reply_only=True)
 
 
 def _truncate(ids, trained, in_reply, offsets, spans, max_length, eos_id):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from chatbuild.errors import UserError
-from chatbuild.templates import IGNORE_INDEX, ChatFormat, Encoded, check_messages, encode
+from chatbuild.templates import IGNORE_INDEX, ChatFormat, Encoded, check_messages, encode, encode_reply
 
 
 def tokenize_conversations(convs: list[dict], fmt: ChatFormat, tokenizer, max_length: int | None,
@@ -40,6 +40,27 @@ def tokenize_conversations(convs: list[dict], fmt: ChatFormat, tokenizer, max_le
             raise UserError(f'{name}: no "messages" list')
         check_messages(messages, where=name)
         out.append(encode(fmt, tokenizer, messages, max_length=max_length, train_on_prompts=train_on_prompts))
+    return out
+
+
+@dataclass
+class EncodedPair:
+    chosen: Encoded
+    rejected: Encoded
+
+    def __len__(self):  # what length grouping sorts by: the longer side
+        return max(len(self.chosen), len(self.rejected))
+
+
+def tokenize_pairs(pairs: list, fmt: ChatFormat, tokenizer, max_length: int | None) -> list[EncodedPair]:
+    """One `EncodedPair` per `chatbuild.data.pairs.Pair`, in order: prompt + reply with the labels on the
+    reply only (`chatbuild.templates.encode_reply`, `encode`'s truncation). A side with nothing to learn
+    (the prompt alone filled max_length) is returned as it is, for the caller to drop."""
+    out = []
+    for pair in pairs:
+        prompt = list(pair.prompt)
+        out.append(EncodedPair(encode_reply(fmt, tokenizer, prompt, pair.chosen, max_length),
+                               encode_reply(fmt, tokenizer, prompt, pair.rejected, max_length)))
     return out
 
 
