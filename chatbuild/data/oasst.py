@@ -213,21 +213,8 @@ def extract_threads(messages: list[Message], skipped: set[str], report: Report, 
     """Threads of every usable tree, by rules 1-7 of the module docstring, in input order."""
     by_id, children = _link(messages, skipped, report)
     threads, seen = [], set()
-    for root in (m for m in by_id.values() if m.parent is None):
+    for root in usable_roots(by_id, report, langs, include_synthetic):
         tree_id = root.tree or root.id
-        if root.tree_state is not None and root.tree_state != READY:
-            report.drop(f"trees not {READY} (tree_state {root.tree_state})")
-            continue
-        if root.role != "prompter":
-            report.drop("trees whose root is not a prompter message")
-            continue
-        why = _unusable(root, include_synthetic)
-        if why:
-            report.drop(f"trees whose root is {why}")
-            continue
-        if langs is not None and root.lang not in langs:
-            report.drop(f"trees in another language ({root.lang or 'unknown'})")
-            continue
         usable = _usable_children(root, children, include_synthetic, report)
         paths = [_top1_path(root, usable)] if mode == "top1" else _all_paths(root, usable)
         for path in paths:
@@ -244,6 +231,26 @@ def extract_threads(messages: list[Message], skipped: set[str], report: Report, 
             threads.append({"messages": [{"role": ROLES[m.role], "content": m.text} for m in path],
                             "message_tree_id": tree_id, "lang": root.lang})
     return threads
+
+
+def usable_roots(by_id: dict[str, Message], report: Report, langs: list[str] | None,
+                 include_synthetic: bool) -> Iterable[Message]:
+    """The roots of the trees rules 2 and 6 keep, in input order, counting the trees they leave out."""
+    for root in (m for m in by_id.values() if m.parent is None):
+        if root.tree_state is not None and root.tree_state != READY:
+            report.drop(f"trees not {READY} (tree_state {root.tree_state})")
+            continue
+        if root.role != "prompter":
+            report.drop("trees whose root is not a prompter message")
+            continue
+        why = _unusable(root, include_synthetic)
+        if why:
+            report.drop(f"trees whose root is {why}")
+            continue
+        if langs is not None and root.lang not in langs:
+            report.drop(f"trees in another language ({root.lang or 'unknown'})")
+            continue
+        yield root
 
 
 def _link(messages: list[Message], skipped: set[str], report: Report):
