@@ -31,9 +31,11 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 
 def detect(value) -> str | None:
-    """The format of one record, or None when nothing fits."""
+    """The format of one record, or None when nothing fits ("pairs": a preference pair, any form)."""
     if not isinstance(value, dict):
         return None
+    if "chosen" in value and "rejected" in value:  # preference pairs, any form (chatbuild.data.pairs)
+        return "pairs"
     if isinstance(value.get("messages"), list):
         return "chat"
     if isinstance(value.get("conversations"), list):
@@ -195,7 +197,7 @@ def detect_format(records: Iterator[Record], source: str) -> tuple[str, Iterator
                 has = ("fields " + ", ".join(map(str, rec.value))) if isinstance(rec.value, dict) else \
                     f"a JSON {type(rec.value).__name__}"
                 raise UserError(f"{rec.where()}: cannot tell the data format from this record ({has}); expected "
-                                "OASST1 messages or trees, chat, ShareGPT, Alpaca or Guanaco records; name the format "
+                                "OASST1 messages or trees, chat, ShareGPT, Alpaca or Guanaco records (or preference pairs); name the format "
                                 "(--format, or data.format in a config)")
             return fmt, itertools.chain(seen, records)
     if not seen:

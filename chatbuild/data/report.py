@@ -25,7 +25,8 @@ class Report:
     detected: bool = False  # True when `format="auto"` chose `format`
     skip_invalid: bool = False
     records: int = 0  # records read: lines (rows for parquet and hub datasets, items for JSON arrays)
-    kept: int = 0  # conversations returned
+    kept: int = 0  # conversations (or pairs) returned
+    unit: str = "conversations"  # what `kept` counts: "conversations" or "pairs"
     dropped: Counter = field(default_factory=Counter)  # reason (naming its unit) -> count
     invalid: list[str] = field(default_factory=list)  # the first MAX_LISTED skipped records, "where: what"
     invalid_count: int = 0
@@ -33,11 +34,15 @@ class Report:
 
     def reject(self, where: str, problem: str) -> None:
         """An invalid record: raise, or count it when skipping invalid records."""
+        self.invalid_message(f"{where}: {problem}")
+
+    def invalid_message(self, message: str) -> None:
+        """`reject` for a message that already names where ("file.jsonl:3: ...", a checker's UserError)."""
         if not self.skip_invalid:
-            raise InvalidRecord(f"{where}: {problem}")
+            raise InvalidRecord(message)
         self.invalid_count += 1
         if len(self.invalid) < MAX_LISTED:
-            self.invalid.append(f"{where}: {problem}")
+            self.invalid.append(message)
 
     def drop(self, reason: str, n: int = 1) -> None:
         if n:
@@ -46,7 +51,7 @@ class Report:
     def summary(self) -> str:
         """One line, e.g. for a training log."""
         how = " (detected)" if self.detected else ""
-        out = f"{self.format}{how}, {self.records} records, {self.kept} conversations kept"
+        out = f"{self.format}{how}, {self.records} records, {self.kept} {self.unit} kept"
         if self.dropped:
             out += "; dropped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items()))
         if self.invalid_count:
@@ -56,7 +61,7 @@ class Report:
     def lines(self) -> list[str]:
         """Several lines, for `chatbuild data inspect/prepare`."""
         how = "detected" if self.detected else "as given"
-        out = [f"source: {self.source}", f"format: {self.format} ({how}: {FORMAT_NAMES.get(self.format, '')})",
+        out = [f"source: {self.source}", f"format: {self.format} ({how}: {ALL_FORMAT_NAMES.get(self.format, '')})",
                f"records read: {self.records}"]
         if self.input_messages:
             langs, roles = Counter(), Counter()
@@ -65,7 +70,7 @@ class Report:
                 roles[role] += n
             out.append("input messages by language: " + _counts(langs))
             out.append("input messages by role: " + _counts(roles))
-        out.append(f"kept: {self.kept} conversations")
+        out.append(f"kept: {self.kept} {self.unit}")
         if self.dropped:
             out.append("dropped:")
             out += [f"  {n:>7}  {reason}" for reason, n in sorted(self.dropped.items(), key=lambda kv: (-kv[1], kv[0]))]
@@ -88,6 +93,12 @@ FORMAT_NAMES = {
     "alpaca": 'Alpaca, {"instruction", "input", "output"}',
     "guanaco": 'Guanaco text, {"text": "### Human: ... ### Assistant: ..."}',
 }
+PAIR_FORMAT_NAMES = {  # what preference pairs are read from (chatbuild.data.pairs)
+    "oasst1": FORMAT_NAMES["oasst1"],
+    "oasst1-trees": FORMAT_NAMES["oasst1-trees"],
+    "pairs": 'preference pairs, {"prompt", "chosen", "rejected"}',
+}
+ALL_FORMAT_NAMES = {**FORMAT_NAMES, **PAIR_FORMAT_NAMES}
 
 
 def _counts(counter: Counter) -> str:
