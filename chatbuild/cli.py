@@ -20,7 +20,7 @@ from chatbuild.errors import UserError
 COMMANDS = {
     "demo": ("chatbuild.demo", "set everything up on the embedded tiny model and run the main job"),
     "tiny-base": ("pipelines.tiny_base", "build the embedded tiny base model offline"),
-    "data": ("chatbuild.data.cli", "prepare or inspect conversation data (OASST1 trees, chat, ShareGPT, Alpaca, Guanaco)"),
+    "data": ("chatbuild.data.cli", "prepare or inspect conversation data (OASST1 trees, chat, ShareGPT, Alpaca, Guanaco) or preference pairs"),
     "finetune": ("pipelines.finetune", "QLoRA fine-tune: a preset plus key=value overrides -> a run folder"),
     "merge": ("pipelines.merge", "merge a run's adapter into its 16-bit base, or combine adapters"),
     "chat": ("pipelines.chat", "chat with a run in the terminal (4-bit base + adapter, streaming)"),

@@ -4,21 +4,28 @@
         --val-fraction 0.05 --val-out data/oasst1-top1.val.jsonl
     chatbuild data prepare trees.jsonl.gz --format oasst1-trees --mode all --out all.jsonl
     chatbuild data inspect sample --tokenizer .chatbuild/tiny-base --plot lengths.png
+    chatbuild data prepare sample --mode pairs --out pairs.jsonl --max-per-prompt 2
+    chatbuild data inspect sample --mode pairs
 
-Both read SOURCE exactly as `chatbuild.data.load_conversations` does, and print what was detected,
-kept and dropped (with reasons).
+Both read SOURCE exactly as `chatbuild.data.load_conversations` does (`load_pairs` with `--mode pairs`),
+and print what was detected, kept and dropped (with reasons).
 """
 
 import argparse
 import sys
 
 from chatbuild.data import (
+    DATA_MODES,
     FORMATS,
-    MODES,
+    MAX_PER_PROMPT,
+    PAIR_FORMATS,
     InvalidRecord,
     load_conversations,
+    load_pairs,
     split_conversations,
+    split_pairs,
     write_conversations,
+    write_pairs,
 )
 from chatbuild.errors import UserError
 from chatbuild.templates import DEFAULT_FORMAT, format_choices
@@ -30,10 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           description="Read SOURCE (OASST1 trees, chat, ShareGPT, Alpaca or Guanaco data) and write "
                                       'conversations JSONL: {"messages": [{"role", "content"}], ...metadata}.')
     _source_arguments(prep)
-    prep.add_argument("--out", required=True, metavar="FILE.jsonl", help="where to write the (training) conversations")
+    prep.add_argument("--out", required=True, metavar="FILE.jsonl",
+                      help="where to write the (training) conversations, or pairs with --mode pairs")
     prep.add_argument("--val-fraction", type=float, metavar="F",
-                      help="move this fraction of trees (or conversations) to --val-out, e.g. 0.05")
-    prep.add_argument("--val-out", metavar="FILE.jsonl", help="where to write the validation conversations")
+                      help="move this fraction of trees (or conversations, or prompts) to --val-out, e.g. 0.05")
+    prep.add_argument("--val-out", metavar="FILE.jsonl", help="where to write the validation conversations (or pairs)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default 0)")
 
     insp = sub.add_parser("inspect", help="counts, drop reasons and length histograms of a data source",
@@ -52,9 +60,14 @@ def _source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE",
                    help='a .jsonl / .json / .jsonl.gz / .parquet file, a dataset folder, a hub id (optionally '
                         'ID:SPLIT), or "sample" (the bundled OASST1 sample)')
-    p.add_argument("--format", choices=FORMATS, default="auto", help="data format (default: detect from the first record)")
-    p.add_argument("--mode", choices=MODES, default="top1",
-                   help="OASST1: top1 = the highest-ranked thread per tree (default), all = every root-to-leaf thread")
+    p.add_argument("--format", choices=list(dict.fromkeys(FORMATS + PAIR_FORMATS)), default="auto",
+                   help="data format (default: detect from the first record); pairs: a preference pair file")
+    p.add_argument("--mode", choices=DATA_MODES, default="top1",
+                   help="OASST1: top1 = the highest-ranked thread per tree (default), all = every root-to-leaf "
+                        "thread; pairs = preference pairs (OASST1 ranked replies, or a pair file) instead of conversations")
+    p.add_argument("--max-per-prompt", type=int, metavar="N",
+                   help=f"--mode pairs, OASST1: at most N pairs per prompt, the best reply against the next N in rank "
+                        f"order (default {MAX_PER_PROMPT}; 0: no cap)")
     p.add_argument("--lang", metavar="CODES", help="keep only these languages, comma-separated (e.g. en,de)")
     p.add_argument("--include-synthetic", action="store_true", help="OASST1: keep synthetic messages")
     p.add_argument("--skip-invalid", action="store_true",
@@ -62,33 +75,48 @@ def _source_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    pairs = args.mode == "pairs"
     if args.data_command == "prepare":  # checked before the (possibly long) load
         if (args.val_fraction is None) != (args.val_out is None):
             raise UserError("--val-fraction and --val-out go together")
         if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
             raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.max_per_prompt is not None:
+        if not pairs:
+            raise UserError("--max-per-prompt goes with --mode pairs")
+        if args.max_per_prompt < 0:
+            raise UserError(f"--max-per-prompt must be >= 0 (0: no cap), got {args.max_per_prompt}")
     try:
-        convs, report = load_conversations(args.source, format=args.format, mode=args.mode, lang=args.lang,
-                                           include_synthetic=args.include_synthetic, skip_invalid=args.skip_invalid)
+        if pairs:
+            cap = MAX_PER_PROMPT if args.max_per_prompt is None else (args.max_per_prompt or None)
+            items, report = load_pairs(args.source, format=args.format, lang=args.lang, skip_invalid=args.skip_invalid,
+                                       include_synthetic=args.include_synthetic, max_per_prompt=cap)
+        else:
+            items, report = load_conversations(args.source, format=args.format, mode=args.mode, lang=args.lang,
+                                               include_synthetic=args.include_synthetic, skip_invalid=args.skip_invalid)
     except InvalidRecord as e:
         raise UserError(f"{e} (pass --skip-invalid to skip such records)") from None
     if args.data_command == "prepare":
-        return _prepare(args, convs, report)
-    return _inspect(args, convs, report)
+        return _prepare(args, items, report)
+    if pairs:
+        return _inspect_pairs(args, items, report)
+    return _inspect(args, items, report)
 
 
-def _prepare(args, convs, report) -> int:
+def _prepare(args, items, report) -> int:
+    """Write conversations, or pairs (`report.unit` says which)."""
+    split, write = (split_pairs, write_pairs) if report.unit == "pairs" else (split_conversations, write_conversations)
     print("\n".join(report.lines()))
     val = []
     if args.val_fraction is not None:
-        convs, val = split_conversations(convs, args.val_fraction, args.seed)
-    if not convs:
-        print(f"warning: no conversations left to write to {args.out}", file=sys.stderr)
-    write_conversations(convs, args.out)
-    print(f"wrote {len(convs)} conversations to {args.out}")
+        items, val = split(items, args.val_fraction, args.seed)
+    if not items:
+        print(f"warning: no {report.unit} left to write to {args.out}", file=sys.stderr)
+    write(items, args.out)
+    print(f"wrote {len(items)} {report.unit} to {args.out}")
     if args.val_out is not None:
-        write_conversations(val, args.val_out)
-        print(f"wrote {len(val)} validation conversations to {args.val_out} (split by tree, seed {args.seed})")
+        write(val, args.val_out)
+        print(f"wrote {len(val)} validation {report.unit} to {args.val_out} (split by tree, seed {args.seed})")
     return 0
 
 
@@ -107,6 +135,21 @@ def _inspect(args, convs, report) -> int:
     if args.plot:
         turns = [sum(m["role"] == "assistant" for m in c["messages"]) for c in convs]
         print(f"wrote {stats.plot(turns, lengths, unit, args.plot)}")
+    return 0
+
+
+def _inspect_pairs(args, pairs, report) -> int:
+    from chatbuild.data import stats
+
+    if args.plot:
+        raise UserError("--plot draws conversation histograms; it does not go with --mode pairs")
+    tokenizer = _load_tokenizer(args.tokenizer, args.chat_format)[0] if args.tokenizer else None
+    chosen, rejected, unit = stats.reply_lengths(pairs, tokenizer)
+    lines = report.lines()
+    lines.append("lengths: " + (f"tokens of {args.tokenizer}, the reply text alone" if tokenizer
+                                else "whitespace-separated words (pass --tokenizer PATH to count tokens)"))
+    lines += stats.describe_pairs(pairs, chosen, rejected, unit)
+    print("\n".join(lines))
     return 0
 
 

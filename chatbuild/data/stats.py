@@ -49,6 +49,46 @@ def describe(convs: list[dict], lengths: list[int], unit: str) -> list[str]:
     return out
 
 
+def reply_lengths(pairs: list, tokenizer=None) -> tuple[list[int], list[int], str]:
+    """Lengths of each pair's chosen and rejected reply (the reply text alone), and the unit."""
+    if tokenizer is None:
+        def measure(text):
+            return len(text.split())
+        unit = "words"
+    else:
+        def measure(text):
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        unit = "tokens"
+    return [measure(p.chosen) for p in pairs], [measure(p.rejected) for p in pairs], unit
+
+
+def describe_pairs(pairs: list, chosen: list[int], rejected: list[int], unit: str) -> list[str]:
+    """Counts of preference pairs by language and prompt, reply lengths chosen vs rejected, and how often
+    the chosen reply is the longer one: preference data that mostly prefers longer replies teaches length
+    as much as quality (Singhal et al., 2023, "A Long Way to Go: Investigating Length Correlations in RLHF")."""
+    prompts = Counter(p.key()[0] for p in pairs)
+    out = ["", f"{'language':<10} {'pairs':>7} {'prompts':>7}"]
+    by_lang: dict = {}
+    for p in pairs:
+        by_lang.setdefault(p.lang, []).append(p)
+    for lang, group in sorted(by_lang.items(), key=lambda kv: (-len(kv[1]), str(kv[0]))):
+        out.append(f"{lang or 'unknown':<10} {len(group):>7} {len({p.key()[0] for p in group}):>7}")
+    out.append(f"{'all':<10} {len(pairs):>7} {len(prompts):>7}")
+    out += ["", *histogram(list(prompts.values()), "pairs per prompt")]
+    out += ["", *histogram([sum(m["role"] == "user" for m in p.prompt) for p in pairs], "user turns per prompt")]
+    out += ["", f"{'reply length, in ' + unit:<24} {'median':>6} {'mean':>8}"]
+    for name, lengths in (("chosen", chosen), ("rejected", rejected)):
+        if lengths:
+            out.append(f"  {name:<22} {sorted(lengths)[len(lengths) // 2]:>6} {sum(lengths) / len(lengths):>8.1f}")
+    if pairs:
+        longer = sum(c > r for c, r in zip(chosen, rejected))
+        shorter = sum(c < r for c, r in zip(chosen, rejected))
+        same = len(pairs) - longer - shorter
+        out.append(f"chosen reply longer than the rejected one in {longer} of {len(pairs)} pairs "
+                   f"({100 * longer / len(pairs):.0f}%); shorter in {shorter}, the same length in {same}")
+    return out
+
+
 def histogram(values: list[int], title: str, log_bins: bool = False) -> list[str]:
     """A text histogram: one line per bin, `label | bar count`."""
     out = [title + ":"]
