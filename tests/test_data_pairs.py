@@ -3,6 +3,7 @@ language and synthetic rules, the cap, duplicates, the three pair-file forms, ba
 tree, `chatbuild data prepare|inspect --mode pairs`, and the counts of the bundled samples."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -226,6 +227,7 @@ def test_the_bundled_samples_pair_counts():
     pairs, report = load_pairs("sample")
     assert len(pairs) == 69 and len({p.key()[0] for p in pairs}) == 62
     assert {p.lang for p in pairs} == {"en", "de", "fr", "es"}
+    assert f"`sample` gives **{len(pairs)} pairs**" in (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for name, n in (("sample:persona", 21), ("sample:persona-val", 12)):
         pairs, _ = load_pairs(name)
         assert len(pairs) == n

@@ -13,7 +13,8 @@ each knowing its location for error messages. Nothing here knows what a record m
 - `sample`: the OASST1-format sample bundled with chatbuild (unless a file of that name exists);
   `sample:persona` and `sample:persona-val`: the bundled "Captain Byte" persona set (OASST1 flat table,
   written for chatbuild: every top-ranked reply begins "Ahoy!"), what the demo fine-tunes SmolLM2 on,
-  and its held-out validation trees.
+  and its held-out validation trees. Some prompts of each also have a plain rank-1 reply, so both give
+  preference pairs ("Ahoy!" chosen over plain: 21 and 12).
 """
 
 import gzip
