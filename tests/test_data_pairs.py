@@ -220,6 +220,17 @@ def test_inspect_counts_pairs_and_the_length_bias(tmp_path, capsys):
     assert any(line.split() == ["rejected", "1", "2.0"] for line in lines)  # median and mean words
 
 
+@pytest.mark.integration
+def test_inspect_counts_reply_tokens_with_a_tokenizer(tiny_base, tiny_tokenizer, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": "The sea is wide and deep.", "rejected": "No."}])
+    assert main(["data", "inspect", str(path), "--mode", "pairs", "--tokenizer", str(tiny_base)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"lengths: tokens of {tiny_base}, the reply text alone" in lines
+    chosen = len(tiny_tokenizer("The sea is wide and deep.", add_special_tokens=False)["input_ids"])
+    assert chosen > 6  # a tiny tokenizer splits words further; the word count would be 6
+    assert any(line.split()[:2] == ["chosen", str(chosen)] for line in lines)
+
+
 # ── the bundled data ─────────────────────────────────────────────────────────────────────────────
 def test_the_bundled_samples_pair_counts():
     """The counts the README gives: the sample's 62 prompts with two or more ranked replies give 69 pairs

@@ -81,7 +81,7 @@ def _chat(rec: Record, report: Report) -> dict | None:
         if role not in ("system", "user", "assistant"):
             return _bad(rec, report, f"{field}.role", "missing" if role is None else
                         f'unknown role {role!r}; expected "system", "user" or "assistant"')
-        content = _text_content(m.get("content"))
+        content = text_content(m.get("content"))
         if content is None:
             return _bad(rec, report, f"{field}.content", "missing" if m.get("content") is None else
                         "expected a string (or a list of text parts)")
@@ -90,7 +90,7 @@ def _chat(rec: Record, report: Report) -> dict | None:
     return _finish(rec, report, messages, paths, {k: v for k, v in d.items() if k != "messages"})
 
 
-def _text_content(content) -> str | None:
+def text_content(content) -> str | None:
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from chatbuild.data import oasst
-from chatbuild.data.formats import _text_content
+from chatbuild.data.formats import text_content
 from chatbuild.data.report import Report
 from chatbuild.data.sources import Record
 from chatbuild.errors import UserError
@@ -193,7 +193,7 @@ def _message(m, field: str) -> dict:
     if role not in MESSAGE_ROLES:
         raise _Bad(f"{field}.role", "missing" if role is None else
                    f'unknown role {role!r}; expected "system", "user" or "assistant"')
-    content = _text_content(m.get("content"))
+    content = text_content(m.get("content"))
     if content is None:
         raise _Bad(f"{field}.content", "missing" if m.get("content") is None else "expected a string (or a list of text parts)")
     if not content.strip():
