@@ -162,7 +162,7 @@ def test_conversations_and_pairs_are_not_mistaken_for_each_other(tmp_path):
     with pytest.raises(UserError, match="holds preference pairs, not conversations: read it with --mode pairs"):
         load_conversations(str(pairs_file))
     chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [user("Hi"), assistant("Hello")]}])
-    with pytest.raises(UserError, match="hold no preferences"):
+    with pytest.raises(UserError, match="chat records are conversations, which hold no preferences"):
         load_pairs(str(chat))
     with pytest.raises(UserError, match='data format "chat" cannot give preference pairs'):
         load_pairs(str(chat), format="chat")

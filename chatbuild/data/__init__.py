@@ -111,9 +111,8 @@ def load_pairs(source: str, format: str = "auto", lang: list[str] | str | None =
         format, records = formats.detect_format(records, report.source)
         report.detected = True
         if format not in PAIR_FORMATS:
-            raise UserError(f"{report.source}: the records are {FORMAT_NAMES[format]} conversations, which hold no "
-                            "preferences; pairs come from OASST1 trees (ranked replies) or pair files "
-                            '{"prompt", "chosen", "rejected"}')
+            raise UserError(f"{report.source}: {format} records are conversations, which hold no preferences; pairs "
+                            'come from OASST1 trees (ranked replies) or pair files {"prompt", "chosen", "rejected"}')
     report.format = format
     if format in ("oasst1", "oasst1-trees"):
         read = oasst.messages_from_table if format == "oasst1" else oasst.messages_from_trees
