@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     prep = sub.add_parser("prepare", help="write training conversations (JSONL) from a data source",
                           description="Read SOURCE (OASST1 trees, chat, ShareGPT, Alpaca or Guanaco data) and write "
-                                      'conversations JSONL: {"messages": [{"role", "content"}], ...metadata}.')
+                                      'conversations JSONL: {"messages": [{"role", "content"}], ...metadata}; with --mode pairs, '
+                                      'preference pairs JSONL: {"prompt", "chosen", "rejected", ...}.')
     _source_arguments(prep)
     prep.add_argument("--out", required=True, metavar="FILE.jsonl",
                       help="where to write the (training) conversations, or pairs with --mode pairs")
