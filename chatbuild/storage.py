@@ -161,6 +161,17 @@ def add_battles(conn: sqlite3.Connection, records: Iterable[dict], source: str |
     return conn.total_changes - before
 
 
+def replace_battles(conn: sqlite3.Connection, records: list[dict], source: str) -> int:
+    """Insert battles like `add_battles`, first removing stored battles of `source` with the same
+    judge, question and models (model_a, model_b): a judge run's battle for a pair supersedes the one
+    an earlier run stored, when the verdict or the fields a newer version writes (style counts,
+    category) differ, instead of counting twice. Returns how many rows are new."""
+    keys = [(rec.get("judge"), _column(rec.get("question_id")), rec["model_a"], rec["model_b"]) for rec in records]
+    conn.executemany("DELETE FROM battles WHERE source = ? AND judge IS ? AND question_id IS ? AND model_a = ? "
+                     "AND model_b = ?", [(source, *k) for k in keys])
+    return add_battles(conn, records, source)
+
+
 def add_battle(conn: sqlite3.Connection, record: dict, source: str | None = None) -> bool:
     """Insert one battle; False if it was already stored."""
     return add_battles(conn, [record], source) == 1
