@@ -590,8 +590,10 @@ def style_leaderboard(battles, bootstrap_rounds: int = 100, seed: int = 0,
             rating_samples[i, present] = BASE + SCALE / math.log(10) * th
             beta_samples[i] = be
         low, high = intervals(rating_samples)
-        with np.errstate(invalid="ignore"):
-            beta_low, beta_high = intervals(beta_samples) if not np.isnan(beta).all() else (beta, beta)
+        beta_low, beta_high = np.full(len(FEATURES), np.nan), np.full(len(FEATURES), np.nan)
+        fitted = ~np.isnan(sd)  # constant features have no coefficient in any round
+        if fitted.any():
+            beta_low[fitted], beta_high[fitted] = intervals(beta_samples[:, fitted])
 
     def opt(x) -> float | None:
         return None if x is None or not math.isfinite(x) else float(x)

@@ -145,3 +145,14 @@ def test_old_battles_without_style_are_refused_in_one_line():
     message = str(e.value)
     assert "\n" not in message
     assert "1 of 6 battles" in message and "question 7" in message and "sage vs fair" in message
+
+
+def test_a_feature_that_never_varies_has_no_coefficient_and_the_rest_are_fitted():
+    battles = simulate(600, seed=8)
+    for b in battles:
+        b["style_a"]["headers"] = b["style_b"]["headers"] = 0
+    _, coefficients = style_leaderboard(battles, bootstrap_rounds=10)
+    by_feature = {c.feature: c for c in coefficients}
+    headers = by_feature["headers"]
+    assert (headers.value, headers.ci_low, headers.ci_high, headers.sd, headers.elo) == (None,) * 5
+    assert by_feature["chars"].ci_low > 0
