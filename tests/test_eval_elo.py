@@ -253,3 +253,5 @@ def test_by_category_rates_each_category_alone(tmp_path, capsys):
     assert main(["eval", "elo", str(f), "--method", "bt", "--bootstrap", "0", "--by-category"]) == 0
     printed = capsys.readouterr().out
     assert "== category: coding (1000 battles)" in printed and "== category: uncategorized (1 battles)" in printed
+    assert main(["eval", "elo", str(f), "--by-category", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "leave it out with --by-category" in capsys.readouterr().err
