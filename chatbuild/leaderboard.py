@@ -39,6 +39,13 @@ def caption(method: str, battles: int, k: float, permutations: int, bootstrap: i
     return out
 
 
+def style_caption(battles: int, bootstrap: int) -> str:
+    """The caption of a style-controlled leaderboard."""
+    out = ("Bradley–Terry with style control (length, headers, list items and bold as covariates, FastChat's "
+           f"method) on the Elo scale (mean 1000; ratings at equal style); {battles:,} battles")
+    return out + (f"; 95% intervals from {bootstrap} bootstrap rounds" if bootstrap else "")
+
+
 # ── figures ────────────────────────────────────────────────────────────────────────────────────
 def figure(width: float, height: float, dpi: int = 100):
     from matplotlib.figure import Figure

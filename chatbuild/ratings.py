@@ -42,6 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from chatbuild.errors import UserError
+from chatbuild.style import FEATURES, battle_style
+
 BASE = 1000.0
 SCALE = 400.0  # Elo points per factor of 10 in the odds
 SCORE_OF = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5}  # per chatbuild.battles.WINNERS
@@ -397,6 +400,11 @@ def leaderboard(battles, method: str = DEFAULT_METHOD, *, k: float = K, permutat
         ratings = np.array([got[name] for name in t.models])
     if bootstrap_rounds:
         low, high = intervals(bootstrap(t, rate, bootstrap_rounds, seed=seed))
+    return _rows(t, ratings, low, high)
+
+
+def _rows(t: BattleTable, ratings: np.ndarray, low: np.ndarray | None, high: np.ndarray | None) -> list[Rating]:
+    """Leaderboard rows, best first: ranks from the intervals where there are any, else plain ranks."""
     counts = t.counts()
     if low is not None:
         ranks = rank_upper_bound(low, high)
@@ -409,3 +417,188 @@ def leaderboard(battles, method: str = DEFAULT_METHOD, *, k: float = K, permutat
                    None if high is None else float(high[i]), int(counts[i]), ranks[i])
             for i, name in enumerate(t.models)]
     return sorted(rows, key=lambda r: (-r.rating, r.model))
+
+
+# ── style control ──────────────────────────────────────────────────────────────────────────────
+# Bradley–Terry with the two answers' style difference as covariates (LMSYS "Does style matter?",
+# 2024; FastChat PR 3495): P(a beats b) = σ(θ_a − θ_b + Σ_f β_f·x_f), x_f the battle's normalized
+# style difference. θ are then the strengths "at equal style" and β what style alone buys.
+STYLE_REG = 1e-6  # the ridge of `fit_bt`, so without style effects the ratings equal `compute_bt`'s
+
+
+class NoStyle(UserError):
+    """The battles do not carry what style control needs (the answers or their style counts)."""
+
+
+@dataclass(frozen=True)
+class StyleTable:
+    """Battles with their style: `diffs[i, f]` = (a − b) / (a + b + 1) for feature `FEATURES[f]` of
+    battle i (model_a's count a, model_b's b), shape (n, len(FEATURES)), float64."""
+
+    battles: BattleTable
+    diffs: np.ndarray
+
+    def take(self, index: np.ndarray) -> "StyleTable":
+        return StyleTable(self.battles.take(index), self.diffs[index])
+
+
+def style_table(battles: Sequence[Mapping]) -> StyleTable:
+    """Battle dicts → a `StyleTable`. The normalization is FastChat's: the difference over the sum
+    plus one (so two answers without any header give 0, not 0/0). Raises `NoStyle` (one line) when
+    any battle has no style (`chatbuild.style.battle_style`)."""
+    diffs = np.empty((len(battles), len(FEATURES)))
+    missing = []
+    for i, battle in enumerate(battles):
+        got = battle_style(battle)
+        if got is None:
+            missing.append(battle)
+            continue
+        a, b = (np.array([side[f] for f in FEATURES]) for side in got)
+        diffs[i] = (a - b) / (a + b + 1.0)
+    if missing:
+        first = missing[0]
+        raise NoStyle(f"style control cannot run: {len(missing)} of {len(battles)} battles carry neither the answers "
+                      f"nor their style counts (e.g. question {first.get('question_id')!r}, {first['model_a']} vs "
+                      f"{first['model_b']}); judge them again with this version of `chatbuild eval judge`")
+    return StyleTable(battle_table(battles), diffs)
+
+
+def style_scale(diffs: np.ndarray) -> np.ndarray:
+    """Per feature, the standard deviation of the differences over the battles (FastChat standardizes
+    the same way), so each coefficient is "per standard deviation". NaN for a constant feature (it
+    cannot be told apart from the strengths and is left out of the fit).
+
+    Unlike FastChat we do not subtract the mean: a zero difference must mean "equal style", else the
+    mean difference acts like a bonus for the side listed first. In the arena the sides are random and
+    the mean is near 0 anyway; a judge run lists the models in a fixed order, where it is not."""
+    sd = diffs.std(axis=0)
+    return np.where(sd > 1e-12, sd, np.nan)
+
+
+def fit_style_bt(a: np.ndarray, b: np.ndarray, score: np.ndarray, x: np.ndarray, models: int,
+                 reg: float = STYLE_REG, tol: float = 1e-10, max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """Strengths θ (natural-log odds, mean 0, shape (models,)) and style coefficients β (shape (p,))
+    maximizing Σ_k [s_k·log σ(z_k) + (1 − s_k)·log σ(−z_k)] − reg/2·(|θ|² + |β|²), with
+    z_k = θ[a_k] − θ[b_k] + x_k·β and s_k model_a's score (ties 0.5), by damped Newton steps, the
+    Hessian assembled per model pair (no n × models design matrix)."""
+    n, p = x.shape
+    w = np.zeros(models + p)
+
+    def logits(params):
+        th, be = params[:models], params[models:]
+        return th[a] - th[b] + x @ be
+
+    def objective(params):
+        z = logits(params)
+        return float(-(score * np.logaddexp(0.0, -z) + (1.0 - score) * np.logaddexp(0.0, z)).sum()
+                     - 0.5 * reg * params @ params)
+
+    value = objective(w)
+    for _ in range(max_iter):
+        prob = 1.0 / (1.0 + np.exp(-logits(w)))
+        r = score - prob
+        grad = np.concatenate([np.bincount(a, r, models) - np.bincount(b, r, models), x.T @ r]) - reg * w
+        if np.abs(grad).max() < tol * max(1.0, n):
+            break
+        v = prob * (1.0 - prob)
+        h = np.zeros((models + p, models + p))  # the negative Hessian
+        np.add.at(h, (a, a), v)
+        np.add.at(h, (b, b), v)
+        np.add.at(h, (a, b), -v)
+        np.add.at(h, (b, a), -v)
+        cross = np.zeros((models, p))
+        np.add.at(cross, a, v[:, None] * x)
+        np.add.at(cross, b, -v[:, None] * x)
+        h[:models, models:] = cross
+        h[models:, :models] = cross.T
+        h[models:, models:] = (x * v[:, None]).T @ x
+        h[np.diag_indices_from(h)] += reg
+        step = np.linalg.solve(h, grad)
+        size = 1.0
+        while size > 1e-8:  # backtracking, as in `fit_bt`
+            candidate = w + size * step
+            new = objective(candidate)
+            if new >= value + 1e-4 * size * (grad @ step):
+                break
+            size /= 2
+        w, value = candidate, new
+    theta = w[:models]
+    return theta - theta.mean(), w[models:]
+
+
+@dataclass
+class StyleCoefficient:
+    """One style feature's fitted effect: `value` in natural-log odds of model_a winning per standard
+    deviation (`sd`) of the normalized difference; `elo` the same on the Elo scale (·400/ln 10);
+    interval ends None without bootstrap, all None for a feature that never varied."""
+
+    feature: str
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+    sd: float | None
+
+    @property
+    def elo(self) -> float | None:
+        return None if self.value is None else self.value * SCALE / math.log(10)
+
+
+def _fit_style(st: StyleTable, sd: np.ndarray, reg: float) -> tuple[np.ndarray, np.ndarray]:
+    """θ over `st.battles.models` and β over all features (NaN for the constant ones)."""
+    keep = ~np.isnan(sd)
+    t = st.battles
+    theta, beta = fit_style_bt(t.a, t.b, t.score, st.diffs[:, keep] / sd[keep], len(t.models), reg)
+    full = np.full(len(sd), np.nan)
+    full[keep] = beta
+    return theta, full
+
+
+def compute_style_control(battles, base: float = BASE, scale: float = SCALE,
+                          reg: float = STYLE_REG) -> tuple[dict[str, float], dict[str, float]]:
+    """Style-adjusted Bradley–Terry ratings on the Elo scale (mean `base`, like `compute_bt`) and the
+    style coefficients ({feature: log-odds per sd}, NaN if constant): ({model: rating}, {feature: β})."""
+    st = battles if isinstance(battles, StyleTable) else style_table(battles)
+    theta, beta = _fit_style(st, style_scale(st.diffs), reg)
+    ratings = base + scale / math.log(10) * theta
+    return dict(zip(st.battles.models, ratings.tolist())), dict(zip(FEATURES, beta.tolist()))
+
+
+def style_leaderboard(battles, bootstrap_rounds: int = 100, seed: int = 0,
+                      reg: float = STYLE_REG) -> tuple[list[Rating], list[StyleCoefficient]]:
+    """The style-controlled leaderboard: rows best first (rank UB from 95% percentile bootstrap
+    intervals, battles resampled with replacement, the features' sd fixed from all battles as FastChat
+    does) and one `StyleCoefficient` per feature. Raises `NoStyle` if a battle has no style."""
+    st = battles if isinstance(battles, StyleTable) else style_table(battles)
+    t = st.battles
+    if not len(t):
+        return [], []
+    sd = style_scale(st.diffs)
+    theta, beta = _fit_style(st, sd, reg)
+    ratings = BASE + SCALE / math.log(10) * theta
+    low = high = beta_low = beta_high = None
+    if bootstrap_rounds:
+        rng = np.random.default_rng(seed)
+        rating_samples = np.full((bootstrap_rounds, len(t.models)), np.nan)
+        beta_samples = np.full((bootstrap_rounds, len(FEATURES)), np.nan)
+        for i in range(bootstrap_rounds):
+            sample = st.take(rng.integers(0, len(t), len(t)))
+            present = np.unique(np.concatenate([sample.battles.a, sample.battles.b]))
+            # re-indexed to the models present, as `bootstrap` does
+            sub = StyleTable(BattleTable(tuple(t.models[j] for j in present), np.searchsorted(present, sample.battles.a),
+                                         np.searchsorted(present, sample.battles.b), sample.battles.score), sample.diffs)
+            th, be = _fit_style(sub, sd, reg)
+            rating_samples[i, present] = BASE + SCALE / math.log(10) * th
+            beta_samples[i] = be
+        low, high = intervals(rating_samples)
+        beta_low, beta_high = np.full(len(FEATURES), np.nan), np.full(len(FEATURES), np.nan)
+        fitted = ~np.isnan(sd)  # constant features have no coefficient in any round
+        if fitted.any():
+            beta_low[fitted], beta_high[fitted] = intervals(beta_samples[:, fitted])
+
+    def opt(x) -> float | None:
+        return None if x is None or not math.isfinite(x) else float(x)
+
+    coefficients = [StyleCoefficient(f, opt(beta[j]), opt(None if beta_low is None else beta_low[j]),
+                                     opt(None if beta_high is None else beta_high[j]), opt(sd[j]))
+                    for j, f in enumerate(FEATURES)]
+    return _rows(t, ratings, low, high), coefficients

@@ -161,6 +161,27 @@ def add_battles(conn: sqlite3.Connection, records: Iterable[dict], source: str |
     return conn.total_changes - before
 
 
+def replace_battles(conn: sqlite3.Connection, records: list[dict], source: str) -> int:
+    """Insert battles like `add_battles`, first removing stored battles of `source` with the same
+    judge, question and models (model_a, model_b): a judge run's battle for a pair supersedes the one
+    an earlier run stored, when the verdict or the fields a newer version writes (style counts,
+    category) differ, instead of counting twice. "Same question" is the same `question_id` and, where
+    both carry the user turns (`question`), the same turns: another question set that reuses the ids
+    is left alone. Returns how many rows were inserted (a battle identical to the stored one counts:
+    it is removed and inserted again)."""
+    stale = []
+    for rec in records:
+        rows = conn.execute("SELECT id, extra FROM battles WHERE source = ? AND judge IS ? AND question_id IS ? "
+                            "AND model_a = ? AND model_b = ?",
+                            (source, rec.get("judge"), _column(rec.get("question_id")), rec["model_a"], rec["model_b"]))
+        for row_id, extra in rows:
+            turns = json.loads(extra).get("question")
+            if turns is None or rec.get("question") is None or turns == rec["question"]:
+                stale.append((row_id,))
+    conn.executemany("DELETE FROM battles WHERE id = ?", stale)
+    return add_battles(conn, records, source)
+
+
 def add_battle(conn: sqlite3.Connection, record: dict, source: str | None = None) -> bool:
     """Insert one battle; False if it was already stored."""
     return add_battles(conn, [record], source) == 1

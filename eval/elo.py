@@ -12,9 +12,21 @@ Methods (the registry and the math: `chatbuild.ratings.METHODS`; the pictures: `
 - bt: Bradley–Terry maximum likelihood on the Elo scale (mean 1000, 400 points = 10:1 odds), ties
   as half a win, with --bootstrap rounds (default 100) for 95% intervals.
 
+`--style-control`: Bradley–Terry with the two answers' style differences (length in characters,
+markdown headers, list items, bold spans) as covariates, as LMSYS rates its arena (FastChat PR 3495):
+style-adjusted ratings and the style coefficients, both with bootstrap intervals (--bootstrap, default
+100). The battles must carry the answers or their style counts (`chatbuild.style`); older judge files
+do not, and the command says so in one line.
+
+`--by-category`: one leaderboard per question category (the battles' `category`, written by
+`chatbuild eval judge` from the questions file; battles without one are "uncategorized").
+
 `--json` prints exactly {"method": ..., "ratings": [{"model", "rating", "ci_low", "ci_high",
-"battles"}, ...]}, best first, intervals null where there are none. The table and --markdown also
-show "rank (UB)": 1 + the number of models whose interval lies entirely above this model's.
+"battles"}, ...]}, best first, intervals null where there are none; with --style-control also
+"style_control": true and "style": [{"feature", "coefficient", "ci_low", "ci_high", "elo", "sd"}, ...];
+with --by-category {"method": ..., "categories": [{"category", "battles", "ratings", ...}, ...]}.
+The table and --markdown also show "rank (UB)": 1 + the number of models whose interval lies
+entirely above this model's.
 """
 
 import argparse
@@ -30,8 +42,12 @@ from chatbuild.ratings import DEFAULT_METHOD, METHODS, PERMUTATIONS, K, method_c
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("battles", nargs="+", metavar="BATTLES.jsonl", help="battles JSONL file(s); several are pooled")
-    p.add_argument("--method", choices=tuple(METHODS), default=DEFAULT_METHOD,
-                   help=f"rating method: {method_choices()} (default: {DEFAULT_METHOD})")
+    p.add_argument("--method", choices=tuple(METHODS), default=None,
+                   help=f"rating method: {method_choices()} (default: {DEFAULT_METHOD}; bt with --style-control)")
+    p.add_argument("--style-control", action="store_true",
+                   help="Bradley-Terry with the answers' style (length, headers, lists, bold) as covariates: "
+                        "style-adjusted ratings and the style coefficients (FastChat's style control)")
+    p.add_argument("--by-category", action="store_true", help="one leaderboard per question category")
     p.add_argument("--permutations", type=int, default=PERMUTATIONS,
                    help=f"orderings averaged by --method paper (default: {PERMUTATIONS})")
     rounds = ", ".join(f"{m.bootstrap_rounds} for {name}" for name, m in METHODS.items())
@@ -104,15 +120,108 @@ def leaderboard_files(battles: list[dict], method: str, permutations: int, boots
     return rows, title
 
 
+UNCATEGORIZED = "uncategorized"
+
+
+def by_category(battles: list[dict]) -> dict[str, list[dict]]:
+    """Battles grouped by their `category` (sorted; those without one last, as UNCATEGORIZED)."""
+    groups: dict[str, list[dict]] = {}
+    for b in battles:
+        category = b.get("category")
+        groups.setdefault(category if isinstance(category, str) and category else UNCATEGORIZED, []).append(b)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0] == UNCATEGORIZED, kv[0])))
+
+
+def style_json(coefficients) -> list[dict]:
+    return [{"feature": c.feature, "coefficient": c.value, "ci_low": c.ci_low, "ci_high": c.ci_high, "elo": c.elo,
+             "sd": c.sd} for c in coefficients]
+
+
+def style_table(coefficients) -> str:
+    """The style coefficients as plain text."""
+    lines = ["style coefficients (log-odds of winning per sd of the normalized difference; in Elo points)",
+             f"{'feature':<10}  {'coef':>7}  {'95% interval':>17}  {'Elo':>7}"]
+    for c in coefficients:
+        if c.value is None:
+            lines.append(f"{c.feature:<10}  {'–':>7}  {'(never varied)':>17}  {'–':>7}")
+            continue
+        interval = "–" if c.ci_low is None else f"{c.ci_low:.3f} – {c.ci_high:.3f}"
+        lines.append(f"{c.feature:<10}  {c.value:>7.3f}  {interval:>17}  {c.elo:>+7.1f}")
+    return "\n".join(lines)
+
+
+def style_markdown(coefficients) -> str:
+    lines = ["| Style feature | Coefficient (log-odds per sd) | 95% interval | Elo points |", "|---|---:|---:|---:|"]
+    for c in coefficients:
+        if c.value is None:
+            lines.append(f"| {c.feature} | – | never varied | – |")
+        else:
+            interval = "–" if c.ci_low is None else f"{c.ci_low:.3f} – {c.ci_high:.3f}"
+            lines.append(f"| {c.feature} | {c.value:.3f} | {interval} | {c.elo:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def rate(battles: list[dict], args: argparse.Namespace):
+    """(rows, title, style coefficients or None) for these battles, as the flags ask."""
+    from chatbuild.leaderboard import style_caption
+    from chatbuild.ratings import style_leaderboard
+
+    if args.style_control:
+        rounds = 100 if args.bootstrap is None else args.bootstrap
+        if rounds < 0:
+            raise UserError("--bootstrap must be >= 0")
+        rows, coefficients = style_leaderboard(battles, bootstrap_rounds=rounds, seed=args.seed)
+        return rows, style_caption(len(battles), rounds), coefficients
+    rows, title = leaderboard_files(battles, args.method, args.permutations, args.bootstrap, args.seed, args.k)
+    return rows, title, None
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.style_control and args.method not in (None, "bt"):
+        raise UserError(f"--style-control is Bradley-Terry with style covariates; it does not combine with "
+                        f"--method {args.method}")
+    if args.by_category and args.plot:
+        raise UserError("--plot draws one leaderboard; leave it out with --by-category (--markdown has every category)")
+    args.method = args.method or ("bt" if args.style_control else DEFAULT_METHOD)
     battles = load(args.battles, args.skip_invalid)
-    rows, title = leaderboard_files(battles, args.method, args.permutations, args.bootstrap, args.seed, args.k,
-                                    args.plot, args.markdown)
-    if args.json:
-        print(json.dumps(as_json(args.method, rows)))
+    groups = by_category(battles) if args.by_category else {None: battles}
+    results = {category: rate(group, args) for category, group in groups.items()}
+    if args.by_category:
+        out = {"method": args.method, "categories": []}
+        for category, (rows, _, coefficients) in results.items():
+            entry = {"category": category, "battles": len(groups[category]), **as_json(args.method, rows)}
+            del entry["method"]
+            if coefficients is not None:
+                entry["style"] = style_json(coefficients)
+            out["categories"].append(entry)
     else:
-        print(title)
-        print(table(rows))
+        rows, title, coefficients = results[None]
+        out = as_json(args.method, rows)
+        if coefficients is not None:
+            out.update(style_control=True, style=style_json(coefficients))
+    if args.markdown:
+        sections = []
+        for category, (rows, title, coefficients) in results.items():
+            text = markdown(rows, title if category is None else f"### {category}\n\n{title}")
+            sections.append(text + ("\n" + style_markdown(coefficients) if coefficients is not None else ""))
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text("\n".join(sections))
+    if args.plot:
+        from chatbuild.leaderboard import leaderboard_plot
+
+        rows, title, _ = results[None]
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        leaderboard_plot(rows, battles, title).savefig(args.plot, bbox_inches="tight")
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for category, (rows, title, coefficients) in results.items():
+            if category is not None:
+                print(f"\n== category: {category} ({len(groups[category])} battles)")
+            print(title)
+            print(table(rows))
+            if coefficients is not None:
+                print(style_table(coefficients))
     for what, path in (("plot", args.plot), ("markdown", args.markdown)):
         if path:
             print(f"{what}: {path}", file=sys.stderr if args.json else sys.stdout)

@@ -22,10 +22,16 @@ Requests run `--concurrency` at a time, with retries and exponential backoff (`e
 Output: --out gets one battle per judged pair and question (battles JSONL, `chatbuild.battles`):
 
     {"question_id": 3, "model_a": "X", "model_b": "Y", "winner": "tie", "judge": "gpt-4o",
-     "tstamp": ..., "source": "judge", "order_verdicts": ["model_a", "model_b"], "judge_prompt": "..."}
+     "tstamp": ..., "source": "judge", "order_verdicts": ["model_a", "model_b"], "judge_prompt": "...",
+     "style_a": {"chars": 812, "headers": 2, "list_items": 5, "bold": 1}, "style_b": {...},
+     "question": ["the user turns"], "category": "writing"}
 
-`order_verdicts` holds each order's verdict as a winner label (X first, then Y first). The battles
-also go into the database's battles table (source "judge") for the UI leaderboard. A report
+`order_verdicts` holds each order's verdict as a winner label (X first, then Y first); `style_a` and
+`style_b` the two answers' style counts (`chatbuild.style`, for style control); `question` the user
+turns (judge and arena battles on the same question meet in `chatbuild eval agreement`); `category`
+the question's, where it has one (`eval elo --by-category`). The battles also go into the database's
+battles table (source "judge") for the UI leaderboard, replacing what an earlier run stored for the
+same judge, question and pair. A report
 (printed, and saved as <out>.report.json) counts invalid and failed judgments, questions skipped for
 missing answers, and the judge's position bias (how often the answer shown first wins) and length
 bias (how often the longer answer wins a decisive battle).
@@ -43,12 +49,13 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatbuild import storage
 from chatbuild.battles import write_battles
 from chatbuild.errors import UserError
+from chatbuild.style import style_features
 from eval.answers import read_answers
 from eval.questions import Question, load_questions
 
@@ -128,6 +135,7 @@ class Plan:
     pairs: list[Pair]
     missing: dict[str, int]  # model → questions it has no answer for
     ignored: int  # answers to questions outside the question set
+    questions: dict = field(default_factory=dict)  # question_id → Question
 
 
 def load_answer_files(paths: list[str | Path]) -> dict[str, dict]:
@@ -211,7 +219,7 @@ def plan(questions: list[Question], answers: dict[str, dict], judge_model: str) 
             pairs.append(Pair(q.question_id, a, b, (k1, k2)))
     missing = {m: sum(q.question_id not in answers[m] for q in questions) for m in models}
     ignored = sum(qid not in qids for recs in answers.values() for qid in recs)
-    return Plan(tasks, pairs, {m: n for m, n in missing.items() if n}, ignored)
+    return Plan(tasks, pairs, {m: n for m, n in missing.items() if n}, ignored, {q.question_id: q for q in questions})
 
 
 # ── judging ────────────────────────────────────────────────────────────────────────────────────
@@ -292,9 +300,17 @@ def battles_and_report(p: Plan, db: Path, judge_model: str, answers: dict[str, d
             if len_a != len_b:
                 decisive += 1
                 longer += (winner == "model_a") == (len_a > len_b)
-        battles.append({"question_id": pair.question_id, "model_a": pair.model_a, "model_b": pair.model_b,
-                        "winner": winner, "judge": judge_model, "tstamp": max(j1.tstamp, j2.tstamp),
-                        "source": "judge", "order_verdicts": [w1, w2], "judge_prompt": PROMPT_VERSION})
+        rec_a, rec_b = answers[pair.model_a][pair.question_id], answers[pair.model_b][pair.question_id]
+        battle = {"question_id": pair.question_id, "model_a": pair.model_a, "model_b": pair.model_b,
+                  "winner": winner, "judge": judge_model, "tstamp": max(j1.tstamp, j2.tstamp),
+                  "source": "judge", "order_verdicts": [w1, w2], "judge_prompt": PROMPT_VERSION,
+                  "style_a": style_features(answer_text(rec_a)), "style_b": style_features(answer_text(rec_b))}
+        question = p.questions.get(pair.question_id)
+        if question is not None:
+            battle["question"] = list(question.turns)
+            if question.category:
+                battle["category"] = question.category
+        battles.append(battle)
     valid_pairs = len(p.pairs) - unjudged - len(invalid)
     n_pos = sum(position.values())
     report = {
@@ -317,6 +333,15 @@ def battles_and_report(p: Plan, db: Path, judge_model: str, answers: dict[str, d
                               for m, recs in answers.items()},
     }
     return battles, report
+
+
+def answer_text(rec: dict) -> str:
+    """All of a model's replies to one question (every turn's, when the answer file has them), for
+    its style counts (`chatbuild.style`: FastChat counts the whole conversation's replies too)."""
+    replies = rec.get("answers")
+    if isinstance(replies, list) and replies and all(isinstance(r, str) for r in replies):
+        return "\n".join(replies)
+    return rec["answer"]
 
 
 def describe(report: dict) -> str:
@@ -356,7 +381,7 @@ def judge(answers: dict[str, dict], questions: list[Question] | None, client, ju
     report["failed_requests"] = len(failed)
     report["retries"] = getattr(client, "retried", 0)
     with storage.transaction(db) as conn:
-        storage.add_battles(conn, battles, source="judge")
+        storage.replace_battles(conn, battles, source="judge")
     write_battles(out, battles)
     report_path = out.with_name(out.stem + ".report.json")
     report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

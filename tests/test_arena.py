@@ -167,7 +167,7 @@ def test_leaderboard_reflects_the_votes(scripted):
         client.predict(api_name="/arena_new_round")
         send(client, "one more", max_new_tokens=2)
         vote(client, "a")
-        summary, table, intervals, heat_map = client.predict(["human"], False, api_name="/leaderboard")
+        summary, table, intervals, heat_map, *_ = client.predict(["human"], False, api_name="/leaderboard")
         battles = storage.list_battles(db, source="human")
         assert f"**{len(battles)}** battles (sources: human)" in summary
         rows = {row[1]: row for row in table["data"]}
@@ -179,7 +179,7 @@ def test_leaderboard_reflects_the_votes(scripted):
         assert "Too few battles to trust yet for" in summary  # a handful of votes: flagged
         assert all(m in summary.split("Too few battles")[1] for m in rows)
 
-        anonymous, table, _, _ = client.predict(["human"], True, api_name="/leaderboard")
+        anonymous, table, *_ = client.predict(["human"], True, api_name="/leaderboard")
         assert f"**{sum(b['anony'] for b in battles)}** battles (sources: human; anonymous only)" in anonymous
         nothing, table, *_ = client.predict(["judge"], False, api_name="/leaderboard")
         assert "No battles stored yet (sources: judge)" in nothing and not table["data"]

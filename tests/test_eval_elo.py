@@ -186,3 +186,72 @@ def test_interval_text():
     assert interval_text(row, 0, offsets=True) == "980 – 1050 (−30/+40)"
     assert interval_text(Rating("x", 1010.0, None, None, 12, 1)) == "–"
     assert interval_text(Rating("x", 1010.0, float("nan"), float("nan"), 12, 1)) == "–"
+
+
+# ── style control and categories ──
+def style_battles_file(path: Path, with_style: bool = True) -> Path:
+    from tests.test_style_control import simulate
+
+    rows = simulate(3000, seed=4)
+    for i, r in enumerate(rows):
+        r["question_id"], r["category"] = i, ("coding" if i % 3 == 0 else "writing")
+        if not with_style:
+            del r["style_a"], r["style_b"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_style_control_json_has_adjusted_ratings_and_coefficients(tmp_path, capsys):
+    f = style_battles_file(tmp_path / "b.jsonl")
+    assert main(["eval", "elo", str(f), "--style-control", "--bootstrap", "20", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "bt" and out["style_control"] is True
+    models = [r["model"] for r in out["ratings"]]
+    assert models[0] == "sage" and models[-1] == "rambler"  # the true best and worst
+    style = {c["feature"]: c for c in out["style"]}
+    assert set(style) == {"chars", "headers", "list_items", "bold"}
+    assert style["chars"]["ci_low"] > 0 and style["chars"]["elo"] > 0
+    assert main(["eval", "elo", str(f), "--method", "bt", "--bootstrap", "0", "--json"]) == 0
+    raw = json.loads(capsys.readouterr().out)
+    assert raw["ratings"][0]["model"] == "rambler" and "style" not in raw  # raw ratings reward length
+
+
+def test_style_control_table_and_markdown(tmp_path, capsys):
+    f = style_battles_file(tmp_path / "b.jsonl")
+    md = tmp_path / "lb.md"
+    assert main(["eval", "elo", str(f), "--style-control", "--bootstrap", "10", "--markdown", str(md)]) == 0
+    printed = capsys.readouterr().out
+    assert "style control" in printed and "style coefficients" in printed and "chars" in printed
+    assert "| Style feature |" in md.read_text() and "| chars |" in md.read_text()
+
+
+def test_style_control_on_old_battles_says_why_in_one_line(tmp_path, capsys):
+    f = style_battles_file(tmp_path / "b.jsonl", with_style=False)
+    assert main(["eval", "elo", str(f), "--style-control"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "style control cannot run: 3000 of 3000 battles" in err
+    assert main(["eval", "elo", str(f), "--style-control", "--method", "paper"]) == 2
+    assert "does not combine with --method paper" in capsys.readouterr().err
+
+
+def test_by_category_rates_each_category_alone(tmp_path, capsys):
+    f = style_battles_file(tmp_path / "b.jsonl")
+    lines = f.read_text().splitlines()
+    extra = json.loads(lines[0])
+    del extra["category"]
+    f.write_text("\n".join(lines + [json.dumps(extra)]) + "\n")
+    assert main(["eval", "elo", str(f), "--method", "bt", "--bootstrap", "0", "--by-category", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(c["category"], c["battles"]) for c in out["categories"]] == [("coding", 1000), ("writing", 2000),
+                                                                            ("uncategorized", 1)]
+    from chatbuild.ratings import compute_bt
+
+    coding = [json.loads(line) for line in lines if json.loads(line)["category"] == "coding"]
+    expected = compute_bt(coding)
+    for r in out["categories"][0]["ratings"]:
+        assert r["rating"] == pytest.approx(expected[r["model"]])
+    assert main(["eval", "elo", str(f), "--method", "bt", "--bootstrap", "0", "--by-category"]) == 0
+    printed = capsys.readouterr().out
+    assert "== category: coding (1000 battles)" in printed and "== category: uncategorized (1 battles)" in printed
+    assert main(["eval", "elo", str(f), "--by-category", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "leave it out with --by-category" in capsys.readouterr().err

@@ -308,3 +308,26 @@ def test_interrupted_and_killed_runs_resume_without_asking_twice(tmp_path):
     assert set(answered) == everything  # none lost
     assert all(n == 1 for n in answered.values())  # none judged twice
     assert len(read_battles(out)[0]) == 18
+
+
+def test_battles_carry_style_question_and_category_and_replace_older_ones_in_the_database(tmp_path):
+    qfile, files = write_inputs(tmp_path, n_questions=2)
+    out = tmp_path / "b.jsonl"
+    db = out.with_suffix(".sqlite")
+    # what an older version stored for one pair: the same battle without style, question or category
+    with storage.transaction(db) as conn:
+        storage.add_battles(conn, [{"question_id": 1, "model_a": "alpha", "model_b": "beta", "winner": "tie",
+                                    "judge": "judge", "tstamp": 1.0, "source": "judge"}])
+    with ScriptedServer(lambda body: Reply(honest(*shown(body)[1:]))) as server:
+        assert main(judge_args(server, qfile, files, out)) == 0
+    battles, _ = read_battles(out)
+    assert len(battles) == 6
+    for b in battles:
+        assert b["category"] == "test" and b["question"] == [f"Question {b['question_id']}: why?"]
+        for side in ("a", "b"):
+            model = b[f"model_{side}"]
+            assert b[f"style_{side}"] == {"chars": len(f"[{model}] answer {b['question_id']} ") + LENGTH[model],
+                                          "headers": 0, "list_items": 0, "bold": 0}
+    stored = storage.list_battles(db, source="judge")
+    assert len(stored) == 6  # the old alpha-beta battle on question 1 was replaced, not kept beside
+    assert all("style_a" in b for b in stored)

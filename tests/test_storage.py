@@ -132,3 +132,23 @@ def test_a_file_that_is_not_a_database_is_a_user_error(tmp_path):
     bad.write_text("this is not sqlite" * 100)
     with pytest.raises(UserError, match="bad.sqlite"):
         storage.connect(bad)
+
+
+def test_replace_battles_supersedes_the_same_judge_question_and_pair_only(tmp_path):
+    db = tmp_path / "db.sqlite"
+    old = {"question_id": 1, "model_a": "x", "model_b": "y", "winner": "tie", "judge": "j"}  # no turns: older format
+    other_set = {**old, "winner": "model_a", "question": ["Another set's question 1"]}
+    other_judge = {**old, "judge": "k"}
+    other_pair = {**old, "model_b": "z"}
+    with storage.transaction(db) as conn:
+        storage.add_battles(conn, [old, other_set, other_judge, other_pair], source="judge")
+    new = {**old, "winner": "model_b", "question": ["Question 1"], "style_a": {"chars": 3}}
+    with storage.transaction(db) as conn:
+        assert storage.replace_battles(conn, [new], source="judge") == 1
+    stored = storage.list_battles(db, source="judge")
+    assert len(stored) == 4
+    assert {(b["judge"], b["model_b"], b["winner"]) for b in stored} == {
+        ("j", "y", "model_a"), ("k", "y", "tie"), ("j", "z", "tie"), ("j", "y", "model_b")}
+    with storage.transaction(db) as conn:  # the same battle again: nothing new, nothing lost
+        assert storage.replace_battles(conn, [new], source="judge") == 1
+    assert len(storage.list_battles(db, source="judge")) == 4
