@@ -35,8 +35,8 @@ judged without one. The battles and grades of those questions say `"reference_gu
 The judge: `--judge-url URL --judge-model NAME` is a model on an OpenAI-compatible server. Without
 --judge-url, --judge-model is a local run folder or a base chatbuild can load ("tiny", "smollm2", a
 model folder), served in this process by `chatbuild.engines` (the hf engine): the loop then works
-offline. A small local judge is weak: it mostly follows the position an answer is shown in, so the
-report prints its position bias (`chatbuild.agreement.bias`) next to its verdicts.
+offline. A small local judge is weak (it tends to follow the position an answer is shown in), so
+the report prints its position bias (`chatbuild.agreement.bias`) next to its verdicts.
 
 How a battle is decided:
 1. For question q and models X, Y the judge sees both answers twice: X as "Assistant A" and Y as
@@ -108,13 +108,13 @@ SYSTEM_PROMPT = (
     "holds only your verdict, exactly one of: [[A]] if Assistant A's answer is better, [[B]] if "
     "Assistant B's answer is better, [[TIE]] for a tie."
 )
-USER_TEMPLATE = (
-    "[User question]\n{question}\n\n"
+USER_TEMPLATE = (  # {reference}: empty, or REFERENCE_BLOCK (reference-guided judging)
+    "[User question]\n{question}\n\n{reference}"
     "[The start of Assistant A's answer]\n{answer_a}\n[The end of Assistant A's answer]\n\n"
     "[The start of Assistant B's answer]\n{answer_b}\n[The end of Assistant B's answer]"
 )
 MULTI_TURN_TEMPLATE = (
-    "Compare how the two assistants did over the whole conversation, above all in their last reply.\n\n"
+    "Compare how the two assistants did over the whole conversation, above all in their last reply.\n\n{reference}"
     "[The start of the conversation with Assistant A]\n{answer_a}\n[The end of the conversation with Assistant A]\n\n"
     "[The start of the conversation with Assistant B]\n{answer_b}\n[The end of the conversation with Assistant B]"
 )
@@ -282,16 +282,13 @@ def questions_from_answers(answers: dict[str, dict]) -> list[Question]:
 def render(question: Question, rec_a: dict, rec_b: dict, reference: str | None = None) -> list[dict]:
     """The judge's messages for one question with rec_a shown as Assistant A (and the reference
     answer, when given, after the question)."""
+    block = REFERENCE_BLOCK.format(reference=reference) if reference is not None else ""
     if len(question.turns) == 1:
-        user = USER_TEMPLATE.format(question=question.text, answer_a=rec_a["answer"], answer_b=rec_b["answer"])
-        if reference is not None:
-            head = f"[User question]\n{question.text}\n\n"
-            user = head + REFERENCE_BLOCK.format(reference=reference) + user[len(head):]
-    else:
-        user = MULTI_TURN_TEMPLATE.format(answer_a=_conversation(question, rec_a, "A"),
+        user = USER_TEMPLATE.format(question=question.text, reference=block, answer_a=rec_a["answer"],
+                                    answer_b=rec_b["answer"])
+    else:  # the reference answers the last turn
+        user = MULTI_TURN_TEMPLATE.format(reference=block, answer_a=_conversation(question, rec_a, "A"),
                                           answer_b=_conversation(question, rec_b, "B"))
-        if reference is not None:  # the reference answers the last turn
-            user = REFERENCE_BLOCK.format(reference=reference) + user
     system = SYSTEM_PROMPT + (REFERENCE_RULE if reference is not None else "")
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 

@@ -18,7 +18,8 @@ from chatbuild import storage
 from chatbuild.battles import read_battles
 from chatbuild.cli import main
 from chatbuild.ratings import baseline_win_rates, mean_interval
-from eval.judge import parse_grade
+from eval.judge import SYSTEM_PROMPT, parse_grade, render, render_grade
+from eval.questions import Question
 
 
 # ── grades ──
@@ -230,3 +231,20 @@ def test_a_bad_reference_file_is_a_one_line_error_naming_the_line(tmp_path, caps
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_prompts_without_a_reference_are_unchanged_so_stored_judgments_still_count():
+    """Stored judgments are keyed by the exact prompt: adding references must not change the prompt
+    of a question judged without one (that would re-ask every judgment of an existing run)."""
+    q = Question(1, ("Q?",), "writing")
+    messages = render(q, {"answer": "x"}, {"answer": "y"})
+    assert messages == [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content":
+                        "[User question]\nQ?\n\n[The start of Assistant A's answer]\nx\n[The end of Assistant A's answer]"
+                        "\n\n[The start of Assistant B's answer]\ny\n[The end of Assistant B's answer]"}]
+    two_turns = Question(2, ("First?", "Second?"), "math")
+    rec = {"answer": "b2", "answers": ["b1", "b2"]}
+    user = render(two_turns, {"answer": "a2", "answers": ["a1", "a2"]}, rec, reference="R")[-1]["content"]
+    assert user.index("[Reference answer]\nR\n") < user.index("### User:\nFirst?") < user.index("### Assistant B:\nb2")
+    graded = render_grade(two_turns, rec, reference="R")
+    assert "reference answer is given" in graded[0]["content"]
+    assert graded[1]["content"].index("R\n[The end of the reference") < graded[1]["content"].index("### Assistant:\nb1")
