@@ -824,9 +824,15 @@ def open_judge(url: str | None, model: str, api_key: str | None = None, timeout:
     if is_run(model):
         engine = open_engine([model])
         return EngineClient(engine), engine.models()[0], True
-    if Path(model).exists() and not (Path(model) / "config.json").is_file():
+    path = Path(model)
+    if path.exists() and not (path / "config.json").is_file():
         raise UserError(f"--judge-model {model}: neither a finished run folder nor a model folder")
-    engine = open_engine([], base=resolve_base(model), base_name=None if Path(model).exists() else model)
+    if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+        raise UserError(f"--judge-model {model}: no such run folder or model folder")
+    try:
+        engine = open_engine([], base=resolve_base(model), base_name=None if path.exists() else model)
+    except UserError as e:
+        raise UserError(f"--judge-model {model} (no --judge-url, so a run or base judged in-process): {e}") from None
     return EngineClient(engine), engine.models()[-1], True
 
 

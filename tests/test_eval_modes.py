@@ -248,3 +248,15 @@ def test_prompts_without_a_reference_are_unchanged_so_stored_judgments_still_cou
     graded = render_grade(two_turns, rec, reference="R")
     assert "reference answer is given" in graded[0]["content"]
     assert graded[1]["content"].index("R\n[The end of the reference") < graded[1]["content"].index("### Assistant:\nb1")
+
+
+def test_a_local_judge_that_is_no_run_or_model_folder_is_a_clear_error(tmp_path, capsys):
+    qfile, files = write_inputs(tmp_path, n_questions=1)
+    args = ["eval", "judge", "--answers", *map(str, files), "--questions", str(qfile), "--out", str(tmp_path / "b.jsonl"),
+            "--judge-model"]
+    assert main([*args, "./runs/missing"]) == 2
+    assert "--judge-model ./runs/missing: no such run folder or model folder" in capsys.readouterr().err
+    assert main([*args, str(tmp_path)]) == 2  # a folder, but neither a run nor a model
+    assert "neither a finished run folder nor a model folder" in capsys.readouterr().err
+    assert main([*args, "judge@http://127.0.0.1:9/v1"]) == 2
+    assert "give the URL with --judge-url" in capsys.readouterr().err
