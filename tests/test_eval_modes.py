@@ -260,3 +260,28 @@ def test_a_local_judge_that_is_no_run_or_model_folder_is_a_clear_error(tmp_path,
     assert "neither a finished run folder nor a model folder" in capsys.readouterr().err
     assert main([*args, "judge@http://127.0.0.1:9/v1"]) == 2
     assert "give the URL with --judge-url" in capsys.readouterr().err
+
+
+def test_retry_invalid_asks_again_only_for_invalid_grades(tmp_path):
+    qfile, files = write_inputs(tmp_path, n_questions=2)
+    out = tmp_path / "grades.jsonl"
+    asked = Counter()
+    fixed = {"on": False}
+
+    def respond(body):
+        qid, model = grade_shown(body)
+        asked[qid, model] += 1
+        if model == "gamma" and not fixed["on"]:
+            return Reply("No grade from me.")
+        return Reply(f"[[{MODELS[model] * 3}]]")
+
+    with ScriptedServer(respond) as server:
+        assert main(judge_args(server, qfile, files, out, "--mode", "single")) == 0
+        assert json.loads(out.with_name("grades.report.json").read_text())["invalid_grades"] == 2
+        fixed["on"] = True
+        assert main(judge_args(server, qfile, files, out, "--mode", "single")) == 0  # stored: not asked again
+        assert sum(asked.values()) == 6
+        assert main(judge_args(server, qfile, files, out, "--mode", "single", "--retry-invalid")) == 0
+    assert sum(asked.values()) == 8 and asked[1, "gamma"] == asked[2, "gamma"] == 2
+    report = json.loads(out.with_name("grades.report.json").read_text())
+    assert report["invalid_grades"] == 0 and report["mean_grades"]["gamma"]["mean"] == 3.0
