@@ -143,3 +143,22 @@ def test_a_local_judge_from_a_run_or_the_bare_base_works_offline_and_shows_its_b
     assert len(records) == 6 and all(r["judge"] == tiny_base.name and 1 <= r["grade"] <= 10 for r in records)
     printed = capsys.readouterr().out
     assert "a small local model is a weak judge" in printed and "distinct grades" in printed
+
+
+def test_engine_client_fails_one_request_for_a_long_prompt_and_stops_for_an_unknown_model(tiny_runs):
+    """The local judge's client: a prompt the engine refuses fails that request (the judge reports
+    it and goes on); a wrong model name is a UserError, which stops the whole run."""
+    from chatbuild.engines import UnknownModel, open_engine
+    from eval.client import EngineClient, RequestFailed
+
+    client = EngineClient(open_engine(list(tiny_runs), max_prompt_tokens=32))
+    try:
+        got = client.complete("tiny-a", [{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert got.usage["completion_tokens"] >= 1 and got.finish_reason in ("stop", "length")
+        with pytest.raises(RequestFailed, match="prompt"):
+            client.complete("tiny-a", [{"role": "user", "content": "word " * 200}], max_tokens=4)
+        with pytest.raises(UnknownModel):
+            client.complete("nobody", [{"role": "user", "content": "Hi"}], max_tokens=4)
+    finally:
+        client.close()
+    client.close()  # a second close (the judge closes on an error, its caller again) does nothing
