@@ -12,6 +12,13 @@ dataclasses below). Relative paths in it are relative to the config file. Exampl
     ratings: {method: paper, permutations: 10000}
     out: eval/guanaco-vs-gpt4o
 
+The judge's mode (`chatbuild eval judge --mode`): pairwise (default), baseline with
+`judge.baseline: MODEL`, or single (1-10 grades, no ratings step); `judge.reference: refs.jsonl`
+adds reference answers for the questions of `judge.reference_categories`. Without `judge.url`,
+`judge.model` is a run folder or a base judged in-process (offline; a small judge is a weak one).
+`ratings.style_control` rates with style covariates (needs `method: bt`), `ratings.by_category`
+rates each question category alone.
+
     load_eval_config(path, overrides)     CONFIG.yaml + key=value → EvalConfig (typed, paths resolved)
     write_eval_config(path, models=..., out=..., judge=..., ...)   the sections given, checked against
                                           the schema first; like a preset, only what differs from the defaults
@@ -41,8 +48,8 @@ class GenerationSettings:
 
 @dataclass
 class JudgeSettings:
-    url: str | None = None  # OpenAI-compatible API of the judge
-    model: str | None = None
+    url: str | None = None  # OpenAI-compatible API of the judge; none: `model` runs in-process
+    model: str | None = None  # the model's name at `url`, or without one a run folder or base ("tiny", "smollm2")
     api_key_env: str = "CHATBUILD_JUDGE_API_KEY"  # falls back to $OPENAI_API_KEY
     concurrency: int = 8
     max_tokens: int = 1024
@@ -50,6 +57,10 @@ class JudgeSettings:
     retries: int = 4
     backoff: float = 1.0
     guided_choice: bool = False  # restrict replies to the verdict markers (small local judges)
+    mode: str = "pairwise"  # pairwise | baseline | single (eval.judge.MODES)
+    baseline: str | None = None  # the model every other one meets, with mode baseline
+    reference: str | None = None  # reference answers JSONL (question_id, answer)
+    reference_categories: list[str] = field(default_factory=lambda: ["math", "coding", "reasoning"])
 
 
 @dataclass
@@ -59,6 +70,8 @@ class RatingSettings:
     bootstrap: int | None = None  # default: the method's (100 for bt, 0 otherwise)
     k: float = K
     seed: int = 0
+    style_control: bool = False  # Bradley-Terry with style covariates (method bt), as `eval elo --style-control`
+    by_category: bool = False  # one leaderboard per question category, as `eval elo --by-category`
 
 
 @dataclass
@@ -102,6 +115,10 @@ def load_eval_config(path: str | Path, overrides: list[str] = ()) -> EvalConfig:
     # run folders are paths; NAME@URL and bare engine model names (the runs' base) are not
     cfg.models = [_model_spec(m, here, local) for m in cfg.models]
     cfg.out = local(cfg.out)
+    if cfg.judge.reference:
+        cfg.judge.reference = local(cfg.judge.reference)
+    if cfg.judge.model and not cfg.judge.url:  # a local judge: a run folder is a path like a model's
+        cfg.judge.model = _model_spec(cfg.judge.model, here, local)
     return cfg
 
 

@@ -29,6 +29,11 @@ Methods:
   `rank_upper_bound`: 1 + the number of models whose interval lies entirely above this one's
   (FastChat's "rank (UB)"): the best rank the data cannot rule out.
 - `leaderboard`: one call for the CLI and the UI: ratings, intervals, battle counts, ranks.
+- `baseline_win_rates`: each model's share of wins against one baseline model (ties half), with a
+  bootstrap interval: Arena-Hard's headline number (Li et al. 2024), from battles that all involve
+  the baseline (`chatbuild eval judge --mode baseline`).
+- `mean_interval`: a mean with a bootstrap interval, for single-answer grades (MT-bench's 1-10
+  scores, Zheng et al. 2023; `chatbuild eval judge --mode single`).
 
 `METHODS` is the registry of rating methods ("paper", "elo", "bt"): each entry's rating function, its
 default bootstrap rounds, its own interval (if it has one) and a one-line description. The command
@@ -602,3 +607,42 @@ def style_leaderboard(battles, bootstrap_rounds: int = 100, seed: int = 0,
                                      opt(None if beta_high is None else beta_high[j]), opt(sd[j]))
                     for j, f in enumerate(FEATURES)]
     return _rows(t, ratings, low, high), coefficients
+
+
+# ── one baseline, and single-answer grades ─────────────────────────────────────────────────────
+@dataclass
+class MeanInterval:
+    """A mean over `n` values with its 95% bootstrap percentile interval (None where n is 0)."""
+
+    mean: float | None
+    low: float | None
+    high: float | None
+    n: int
+
+
+def mean_interval(values: Sequence[float], rounds: int = 1000, seed: int = 0, level: float = 0.95) -> MeanInterval:
+    """The mean of `values` and a percentile interval over `rounds` resamples (n drawn with
+    replacement). No values: all None; one value: a zero-width interval."""
+    x = np.asarray(values, dtype=float)
+    if not len(x):
+        return MeanInterval(None, None, None, 0)
+    means = x[np.random.default_rng(seed).integers(0, len(x), (rounds, len(x)))].mean(axis=1) if rounds else x[None]
+    tail = (1.0 - level) / 2 * 100
+    return MeanInterval(float(x.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail)),
+                        len(x))
+
+
+def baseline_win_rates(battles: Sequence[Mapping], baseline: str, rounds: int = 1000,
+                       seed: int = 0) -> dict[str, MeanInterval]:
+    """{model: its win rate against `baseline`}: the mean of its scores in the battles it played
+    against the baseline (1 win, 0.5 tie, 0 loss, either side), with a bootstrap interval over those
+    battles. Battles without the baseline are not counted; models in name order."""
+    scores: dict[str, list[float]] = {}
+    for b in battles:
+        a, other = b["model_a"], b["model_b"]
+        if baseline not in (a, other) or a == other:
+            continue
+        score = SCORE_OF[b["winner"]]
+        model, score = (other, 1.0 - score) if a == baseline else (a, score)
+        scores.setdefault(model, []).append(score)
+    return {m: mean_interval(scores[m], rounds, seed) for m in sorted(scores)}

@@ -8,6 +8,8 @@ One database file (WAL mode, so the web server, a judge run and readers can shar
                 where it came from: "human" (an arena vote), "judge" (an LLM judge), or "import".
     judgments   one row per judge request (one question, two answers in one order): the verdict in
                 displayed positions ("A" = the answer shown first) and the judge's whole reply.
+    grades      one row per single-answer grading request (`eval judge --mode single`): the 1-10
+                grade (NULL when the reply had no valid grade) and the judge's whole reply.
 
 Other owners keep their own tables in the same file (`chatbuild.arena`: rounds and chat feedback),
 each created with `CREATE TABLE IF NOT EXISTS` when it connects.
@@ -54,6 +56,16 @@ CREATE TABLE IF NOT EXISTS judgments (
     model_1     TEXT NOT NULL,          -- the answer shown first ("Assistant A")
     model_2     TEXT NOT NULL,          -- the answer shown second ("Assistant B")
     verdict     TEXT NOT NULL CHECK (verdict IN ('A', 'B', 'tie', 'invalid')),
+    raw         TEXT NOT NULL,          -- the judge's whole reply
+    tstamp      REAL NOT NULL,
+    extra       TEXT NOT NULL           -- JSON object: prompt version, latency, token usage
+);
+CREATE TABLE IF NOT EXISTS grades (
+    key         TEXT PRIMARY KEY,       -- one request: judge, model, the exact prompt
+    judge       TEXT NOT NULL,
+    question_id,
+    model       TEXT NOT NULL,          -- whose answer was graded
+    grade       INTEGER CHECK (grade IS NULL OR grade BETWEEN 1 AND 10),  -- NULL: no valid grade
     raw         TEXT NOT NULL,          -- the judge's whole reply
     tstamp      REAL NOT NULL,
     extra       TEXT NOT NULL           -- JSON object: prompt version, latency, token usage
@@ -260,6 +272,43 @@ def get_judgments(path: str | Path, keys: Iterable[str] | None = None) -> dict[s
                 part = keys[start:start + 500]
                 rows += conn.execute(f"{sql} WHERE key IN ({', '.join('?' * len(part))})", part).fetchall()
     return {r[0]: Judgment(*r[:8], extra=json.loads(r[8])) for r in rows}
+
+
+# ── grades ─────────────────────────────────────────────────────────────────────────────────────
+@dataclass
+class Grade:
+    """One single-answer grading request and its reply: `grade` 1-10, or None when the reply held no
+    valid grade marker (`eval.judge.parse_grade`)."""
+
+    key: str
+    judge: str
+    question_id: object
+    model: str
+    grade: int | None
+    raw: str
+    tstamp: float
+    extra: dict = field(default_factory=dict)
+
+
+def add_grade(conn: sqlite3.Connection, g: Grade) -> None:
+    """Insert (or replace) a grade in the caller's transaction."""
+    conn.execute("INSERT OR REPLACE INTO grades VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 (g.key, g.judge, _column(g.question_id), g.model, g.grade, g.raw, g.tstamp,
+                  json.dumps(g.extra, ensure_ascii=False)))
+
+
+def get_grades(path: str | Path, keys: Iterable[str] | None = None) -> dict[str, Grade]:
+    """Stored grades by key: all of them, or those among `keys` that exist."""
+    sql = "SELECT key, judge, question_id, model, grade, raw, tstamp, extra FROM grades"
+    with contextlib.closing(connect(path)) as conn:
+        if keys is None:
+            rows = conn.execute(sql).fetchall()
+        else:
+            keys, rows = list(keys), []
+            for start in range(0, len(keys), 500):
+                part = keys[start:start + 500]
+                rows += conn.execute(f"{sql} WHERE key IN ({', '.join('?' * len(part))})", part).fetchall()
+    return {r[0]: Grade(*r[:7], extra=json.loads(r[7])) for r in rows}
 
 
 # ── helpers ────────────────────────────────────────────────────────────────────────────────────

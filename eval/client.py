@@ -10,6 +10,10 @@ spread concurrent retries; at most `max_backoff`), or the server's Retry-After w
 401/403/404 mean the URL, key or model name is wrong for every request: they raise `ServerRefused`
 (a `UserError`) at once. Other failures raise `RequestFailed` after the last attempt; callers record
 and report them.
+
+`EngineClient` has the same `complete`/`close` shape over an in-process engine (`chatbuild.engines`),
+for a judge that chatbuild runs itself (`chatbuild eval judge --judge-model RUN`): no server, no
+network.
 """
 
 import queue
@@ -118,6 +122,41 @@ class ChatClient:
             if self._closed.wait(min(self.max_backoff, wait if wait is not None else delay)):
                 raise RequestFailed(f"{problem}; stopped before retrying (the client was closed)")
         raise AssertionError("unreachable")
+
+
+class EngineClient:
+    """`ChatClient.complete` over a `chatbuild.engines.ChatEngine` in this process. Request fields the
+    judge sends map onto `GenerationParams`: temperature, max_tokens, guided_choice (→ choices). A
+    prompt the engine refuses (too long, bad settings) fails that request (`RequestFailed`); an
+    unknown model stops everything (`UserError`). `close` closes the engine."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._closed = False
+        self.retried = 0  # nothing is retried in process; the judge's report reads it
+
+    def complete(self, model: str, messages: list[dict], temperature: float = 0.0, max_tokens: int = 1024,
+                 guided_choice: list[str] | None = None, **_ignored) -> Completion:
+        from chatbuild.engines import BadParams, GenerationParams, PromptTooLong
+
+        params = GenerationParams(temperature=temperature, top_p=1.0, max_new_tokens=max_tokens, seed=0,
+                                  choices=guided_choice)
+        start = time.perf_counter()
+        text, last = [], None
+        try:
+            for chunk in self.engine.stream(messages, params, model):
+                text.append(chunk.text)
+                last = chunk
+        except (PromptTooLong, BadParams) as e:
+            raise RequestFailed(str(e)) from None
+        usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens} if last else {}
+        return Completion("".join(text), last.finish_reason if last else None, usage, time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Close the engine, once (the judge closes on an interrupt, its caller again when done)."""
+        if not self._closed:
+            self._closed = True
+            self.engine.close()
 
 
 def _completion(response) -> Completion | None:

@@ -176,14 +176,10 @@ def rate(battles: list[dict], args: argparse.Namespace):
     return rows, title, None
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.style_control and args.method not in (None, "bt"):
-        raise UserError(f"--style-control is Bradley-Terry with style covariates; it does not combine with "
-                        f"--method {args.method}")
-    if args.by_category and args.plot:
-        raise UserError("--plot draws one leaderboard; leave it out with --by-category (--markdown has every category)")
-    args.method = args.method or ("bt" if args.style_control else DEFAULT_METHOD)
-    battles = load(args.battles, args.skip_invalid)
+def leaderboards(battles: list[dict], args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """(groups, results, JSON) for the battles as the flags ask (`rate`): one leaderboard, or with
+    `by_category` one per category; `results` maps a category (None for all) to (rows, title, style
+    coefficients or None), the JSON is what --json prints."""
     groups = by_category(battles) if args.by_category else {None: battles}
     results = {category: rate(group, args) for category, group in groups.items()}
     if args.by_category:
@@ -199,13 +195,42 @@ def run(args: argparse.Namespace) -> int:
         out = as_json(args.method, rows)
         if coefficients is not None:
             out.update(style_control=True, style=style_json(coefficients))
+    return groups, results, out
+
+
+def describe_leaderboards(groups: dict, results: dict) -> str:
+    """`leaderboards`' results as plain-text tables (a heading per category)."""
+    lines = []
+    for category, (rows, title, coefficients) in results.items():
+        if category is not None:
+            lines.append(f"\n== category: {category} ({len(groups[category])} battles)")
+        lines += [title, table(rows)]
+        if coefficients is not None:
+            lines.append(style_table(coefficients))
+    return "\n".join(lines)
+
+
+def write_markdown(path, results: dict) -> None:
+    """Every leaderboard of `results` (and its style coefficients) as Markdown sections."""
+    sections = []
+    for category, (rows, title, coefficients) in results.items():
+        text = markdown(rows, title if category is None else f"### {category}\n\n{title}")
+        sections.append(text + ("\n" + style_markdown(coefficients) if coefficients is not None else ""))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(sections))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.style_control and args.method not in (None, "bt"):
+        raise UserError(f"--style-control is Bradley-Terry with style covariates; it does not combine with "
+                        f"--method {args.method}")
+    if args.by_category and args.plot:
+        raise UserError("--plot draws one leaderboard; leave it out with --by-category (--markdown has every category)")
+    args.method = args.method or ("bt" if args.style_control else DEFAULT_METHOD)
+    battles = load(args.battles, args.skip_invalid)
+    groups, results, out = leaderboards(battles, args)
     if args.markdown:
-        sections = []
-        for category, (rows, title, coefficients) in results.items():
-            text = markdown(rows, title if category is None else f"### {category}\n\n{title}")
-            sections.append(text + ("\n" + style_markdown(coefficients) if coefficients is not None else ""))
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text("\n".join(sections))
+        write_markdown(args.markdown, results)
     if args.plot:
         from chatbuild.leaderboard import leaderboard_plot
 
@@ -215,13 +240,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        for category, (rows, title, coefficients) in results.items():
-            if category is not None:
-                print(f"\n== category: {category} ({len(groups[category])} battles)")
-            print(title)
-            print(table(rows))
-            if coefficients is not None:
-                print(style_table(coefficients))
+        print(describe_leaderboards(groups, results))
     for what, path in (("plot", args.plot), ("markdown", args.markdown)):
         if path:
             print(f"{what}: {path}", file=sys.stderr if args.json else sys.stdout)

@@ -1,7 +1,42 @@
-"""`chatbuild eval judge`: every pair of models on every question, judged by an LLM in both orders.
+"""`chatbuild eval judge`: an LLM judges the models' answers, in one of three modes.
 
     chatbuild eval judge --answers answers/*.jsonl --judge-url http://127.0.0.1:8000/v1 \\
-        --judge-model gpt-4o --out battles.jsonl
+        --judge-model gpt-4o --out battles.jsonl                       # pairwise (the default)
+    chatbuild eval judge ... --mode baseline --baseline gpt-4o-answers  # each model vs one baseline
+    chatbuild eval judge ... --mode single --out grades.jsonl           # a 1-10 grade per answer
+    chatbuild eval judge ... --reference refs.jsonl                     # reference-guided (math, coding, reasoning)
+    chatbuild eval judge --answers answers/ --judge-model runs/my-run --out battles.jsonl   # a local judge
+
+Modes:
+- pairwise: every pair of models on every question, both orders (below). The QLoRA paper's setup.
+- baseline (`--baseline MODEL`): every other model against that one only, both orders, as pairwise
+  judges a pair; the battles are ordinary battles, and the report adds each model's win rate
+  against the baseline (ties half) with a bootstrap interval (`chatbuild.ratings.baseline_win_rates`):
+  Arena-Hard's setup (Li et al. 2024), which needs n-1 pairs per question instead of n(n-1)/2.
+- single: each answer alone gets a grade from 1 to 10 (MT-bench's single-answer grading, Zheng et
+  al. 2023; `GRADE_SYSTEM_PROMPT`, our own wording). The grade is the LAST "[[N]]" marker of the
+  reply and must be a whole number from 1 to 10 ("[[7]]", "[[ 7 ]]"); a reply whose last marker is
+  anything else ("[[7.5]]", "[[11]]", "[[seven]]") or that has none is invalid: stored with its raw
+  text, counted, never guessed. --out gets a grades JSONL, one line per answer:
+
+      {"model": "X", "question_id": 3, "category": "math", "grade": 7, "judge": "gpt-4o",
+       "judge_reply": "...", "reference_guided": true}
+
+  (`grade` null when invalid), and the report (printed, and <out>.report.json) each model's mean
+  grade with a 95% bootstrap interval over its graded answers (`chatbuild.ratings.mean_interval`),
+  and the invalid-grade count.
+
+Reference answers (`--reference FILE`, JSONL of {"question_id": ..., "answer": "..."}): for the
+questions whose category is one of `--reference-categories` (default math, coding, reasoning) the
+judge's prompt includes the reference answer, in every mode (MT-bench's reference-guided judging:
+judges grade math they cannot solve badly, and a reference fixes much of it). Other questions are
+judged without one. The battles and grades of those questions say `"reference_guided": true`.
+
+The judge: `--judge-url URL --judge-model NAME` is a model on an OpenAI-compatible server. Without
+--judge-url, --judge-model is a local run folder or a base chatbuild can load ("tiny", "smollm2", a
+model folder), served in this process by `chatbuild.engines` (the hf engine): the loop then works
+offline. A small local judge is weak (it tends to follow the position an answer is shown in), so
+the report prints its position bias (`chatbuild.agreement.bias`) next to its verdicts.
 
 How a battle is decided:
 1. For question q and models X, Y the judge sees both answers twice: X as "Assistant A" and Y as
@@ -54,7 +89,8 @@ from pathlib import Path
 
 from chatbuild import storage
 from chatbuild.battles import write_battles
-from chatbuild.errors import UserError
+from chatbuild.data.sources import read_jsonl
+from chatbuild.errors import UserError, where
 from chatbuild.style import style_features
 from eval.answers import read_answers
 from eval.questions import Question, load_questions
@@ -72,16 +108,45 @@ SYSTEM_PROMPT = (
     "holds only your verdict, exactly one of: [[A]] if Assistant A's answer is better, [[B]] if "
     "Assistant B's answer is better, [[TIE]] for a tie."
 )
-USER_TEMPLATE = (
-    "[User question]\n{question}\n\n"
+USER_TEMPLATE = (  # {reference}: empty, or REFERENCE_BLOCK (reference-guided judging)
+    "[User question]\n{question}\n\n{reference}"
     "[The start of Assistant A's answer]\n{answer_a}\n[The end of Assistant A's answer]\n\n"
     "[The start of Assistant B's answer]\n{answer_b}\n[The end of Assistant B's answer]"
 )
 MULTI_TURN_TEMPLATE = (
-    "Compare how the two assistants did over the whole conversation, above all in their last reply.\n\n"
+    "Compare how the two assistants did over the whole conversation, above all in their last reply.\n\n{reference}"
     "[The start of the conversation with Assistant A]\n{answer_a}\n[The end of the conversation with Assistant A]\n\n"
     "[The start of the conversation with Assistant B]\n{answer_b}\n[The end of the conversation with Assistant B]"
 )
+# Reference-guided judging (the MT-bench paper's remedy for judges that cannot solve the math they
+# grade): the reference answer goes after the question, and the system prompt says how to use it.
+REFERENCE_RULE = ("\n\nA reference answer is given. Use it to check correctness: an answer that contradicts "
+                  "the reference on a fact or a result is wrong, however well written.")
+REFERENCE_BLOCK = "[Reference answer]\n{reference}\n[The end of the reference answer]\n\n"
+REFERENCE_CATEGORIES = ("math", "coding", "reasoning")
+
+MODES = ("pairwise", "baseline", "single")
+GRADE_PROMPT_VERSION = "chatbuild-single-v1"
+GRADE_SYSTEM_PROMPT = (
+    "You are an impartial judge. You grade the answer of an AI assistant to a user question on a scale "
+    "from 1 to 10.\n\n"
+    "Weigh helpfulness, relevance, accuracy, depth and clarity. 1 means useless or wrong, 5 adequate "
+    "with clear flaws, 10 an answer that could not be better. A longer answer is not better for being "
+    "longer.\n\n"
+    "First explain your assessment in a few sentences. Then end your reply with a last line that holds "
+    "only your grade in double square brackets, for example: [[6]]"
+)
+GRADE_TEMPLATE = (
+    "[User question]\n{question}\n\n{reference}"
+    "[The start of the assistant's answer]\n{answer}\n[The end of the assistant's answer]"
+)
+GRADE_MULTI_TURN_TEMPLATE = (
+    "Grade how the assistant did over the whole conversation, above all in its last reply.\n\n{reference}"
+    "[The start of the conversation with the assistant]\n{answer}\n[The end of the conversation with the assistant]"
+)
+GRADE_MARKER = re.compile(r"\[\[([^\[\]]*)\]\]")
+GRADE_CHOICES = [f"[[{n}]]" for n in range(1, 11)]
+
 VERDICT_MARKER = re.compile(r"\[\[(A|B|TIE)\]\]", re.IGNORECASE)
 VERDICT_OF = {"A": "A", "B": "B", "TIE": "tie"}
 GUIDED_CHOICES = ["[[A]]", "[[B]]", "[[TIE]]"]
@@ -91,6 +156,16 @@ def parse_verdict(text: str) -> str:
     """"A", "B" or "tie" from the LAST verdict marker in `text`; "invalid" if there is none."""
     found = VERDICT_MARKER.findall(text or "")
     return VERDICT_OF[found[-1].upper()] if found else "invalid"
+
+
+def parse_grade(text: str) -> int | None:
+    """The grade in the LAST "[[...]]" marker of `text` if it is a whole number from 1 to 10 (spaces
+    around it allowed); None otherwise: no marker, or a last marker that is not such a number."""
+    found = GRADE_MARKER.findall(text or "")
+    if not found:
+        return None
+    value = found[-1].strip()
+    return int(value) if value.isascii() and value.isdigit() and 1 <= int(value) <= 10 else None
 
 
 # A verdict as a winner label: in the first order model_a is shown as A, in the second model_b is.
@@ -136,6 +211,36 @@ class Plan:
     missing: dict[str, int]  # model → questions it has no answer for
     ignored: int  # answers to questions outside the question set
     questions: dict = field(default_factory=dict)  # question_id → Question
+    referenced: set = field(default_factory=set)  # question ids judged with a reference answer
+
+
+def load_references(path: str | Path) -> dict:
+    """{question_id: reference answer} from a JSONL of {"question_id": ..., "answer": "..."}. Bad
+    lines are UserErrors naming file:line."""
+    path = Path(path)
+    out = {}
+    for n, rec in read_jsonl(path, "reference answers file"):
+        if not isinstance(rec, dict) or "question_id" not in rec or "answer" not in rec:
+            raise UserError(f'{where(path, n)}: a reference needs "question_id" and "answer"')
+        qid, text = rec["question_id"], rec["answer"]
+        if not isinstance(qid, (int, str)) or isinstance(qid, bool):
+            raise UserError(f'{where(path, n, "question_id")}: must be a number or a string, got {qid!r}')
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f'{where(path, n, "answer")}: must be a non-empty string')
+        if qid in out:
+            raise UserError(f"{where(path, n)}: a second reference for question {qid!r}")
+        out[qid] = text
+    if not out:
+        raise UserError(f"{path}: no reference answers in the file")
+    return out
+
+
+def reference_for(question: Question, references: dict | None, categories=REFERENCE_CATEGORIES) -> str | None:
+    """The reference answer the judge sees for `question`: only where its category is one of
+    `categories` and the references have one."""
+    if not references or question.category not in categories:
+        return None
+    return references.get(question.question_id)
 
 
 def load_answer_files(paths: list[str | Path]) -> dict[str, dict]:
@@ -174,14 +279,29 @@ def questions_from_answers(answers: dict[str, dict]) -> list[Question]:
     return sorted(found.values(), key=lambda q: (isinstance(q.question_id, str), q.question_id))
 
 
-def render(question: Question, rec_a: dict, rec_b: dict) -> list[dict]:
-    """The judge's messages for one question with rec_a shown as Assistant A."""
+def render(question: Question, rec_a: dict, rec_b: dict, reference: str | None = None) -> list[dict]:
+    """The judge's messages for one question with rec_a shown as Assistant A (and the reference
+    answer, when given, after the question)."""
+    block = REFERENCE_BLOCK.format(reference=reference) if reference is not None else ""
     if len(question.turns) == 1:
-        user = USER_TEMPLATE.format(question=question.text, answer_a=rec_a["answer"], answer_b=rec_b["answer"])
-    else:
-        user = MULTI_TURN_TEMPLATE.format(answer_a=_conversation(question, rec_a, "A"),
+        user = USER_TEMPLATE.format(question=question.text, reference=block, answer_a=rec_a["answer"],
+                                    answer_b=rec_b["answer"])
+    else:  # the reference answers the last turn
+        user = MULTI_TURN_TEMPLATE.format(reference=block, answer_a=_conversation(question, rec_a, "A"),
                                           answer_b=_conversation(question, rec_b, "B"))
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    system = SYSTEM_PROMPT + (REFERENCE_RULE if reference is not None else "")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def render_grade(question: Question, rec: dict, reference: str | None = None) -> list[dict]:
+    """The judge's messages for grading one answer alone."""
+    block = REFERENCE_BLOCK.format(reference=reference) if reference is not None else ""
+    if len(question.turns) == 1:
+        user = GRADE_TEMPLATE.format(question=question.text, reference=block, answer=rec["answer"])
+    else:
+        user = GRADE_MULTI_TURN_TEMPLATE.format(reference=block, answer=_conversation(question, rec, ""))
+    system = GRADE_SYSTEM_PROMPT + (REFERENCE_RULE if reference is not None else "")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def _conversation(question: Question, rec: dict, who: str) -> str:
@@ -192,7 +312,7 @@ def _conversation(question: Question, rec: dict, who: str) -> str:
     for turn, reply in zip(question.turns, replies):
         lines.append(f"### User:\n{turn}")
         if reply is not None:
-            lines.append(f"### Assistant {who}:\n{reply}")
+            lines.append(f"### Assistant {who}:\n{reply}" if who else f"### Assistant:\n{reply}")
     return "\n\n".join(lines)
 
 
@@ -203,34 +323,72 @@ def judgment_key(judge_model: str, first: str, second: str, messages: list[dict]
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
-def plan(questions: list[Question], answers: dict[str, dict], judge_model: str) -> Plan:
-    """Every pair of models (in the order of `answers`) on every question both answered, both orders."""
+def model_pairs(models: list[str], baseline: str | None = None) -> list[tuple[str, str]]:
+    """Which models meet: every pair (in the order given), or with a `baseline` each other model
+    against it, the baseline as model_b."""
+    if baseline is None:
+        return list(itertools.combinations(models, 2))
+    if baseline not in models:
+        raise UserError(f'--baseline "{baseline}" has no answers here; the models are {", ".join(models)}')
+    return [(m, baseline) for m in models if m != baseline]
+
+
+def plan(questions: list[Question], answers: dict[str, dict], judge_model: str, baseline: str | None = None,
+         references: dict | None = None, categories=REFERENCE_CATEGORIES) -> Plan:
+    """Every pair of models (`model_pairs`) on every question both answered, both orders."""
     models = list(answers)
     qids = {q.question_id for q in questions}
-    tasks, pairs = [], []
+    tasks, pairs, referenced = [], [], set()
     for q in questions:
-        for a, b in itertools.combinations(models, 2):
+        reference = reference_for(q, references, categories)
+        for a, b in model_pairs(models, baseline):
             ra, rb = answers[a].get(q.question_id), answers[b].get(q.question_id)
             if ra is None or rb is None:
                 continue
-            m1, m2 = render(q, ra, rb), render(q, rb, ra)
+            m1, m2 = render(q, ra, rb, reference), render(q, rb, ra, reference)
             k1, k2 = judgment_key(judge_model, a, b, m1), judgment_key(judge_model, b, a, m2)
             tasks += [Task(k1, q.question_id, a, b, tuple(m1)), Task(k2, q.question_id, b, a, tuple(m2))]
             pairs.append(Pair(q.question_id, a, b, (k1, k2)))
+            if reference is not None:
+                referenced.add(q.question_id)
     missing = {m: sum(q.question_id not in answers[m] for q in questions) for m in models}
     ignored = sum(qid not in qids for recs in answers.values() for qid in recs)
-    return Plan(tasks, pairs, {m: n for m, n in missing.items() if n}, ignored, {q.question_id: q for q in questions})
+    return Plan(tasks, pairs, {m: n for m, n in missing.items() if n}, ignored, {q.question_id: q for q in questions},
+                referenced)
 
 
 # ── judging ────────────────────────────────────────────────────────────────────────────────────
+def ask_each(todo: list, ask, client, concurrency: int, progress, log=print) -> list[tuple[object, str]]:
+    """Run `ask(task)` for every task, `concurrency` at a time, logging `progress(counts, failed)`
+    every 50 and at the end (`counts`: a Counter of what `ask` returned). Returns the tasks that
+    failed for good, with the reason; `UserError` (a wrong URL, key or model) stops everything."""
+    from eval.client import RequestFailed, run_concurrently
+
+    failed, counts = [], Counter()
+    try:
+        for done, (task, result, error) in enumerate(run_concurrently(ask, todo, concurrency), start=1):
+            if isinstance(error, RequestFailed):
+                failed.append((task, str(error)))
+            elif error is not None:
+                raise error
+            else:
+                counts[result] += 1
+            if done % 50 == 0 or done == len(todo):
+                log(f"judge: {done}/{len(todo)} ({progress(counts, len(failed))})")
+    except BaseException:
+        # An interrupt, or a UserError from one request (wrong key, model or URL): stop the requests
+        # in flight. Stored replies stay; the rest is asked on the next run.
+        client.close()
+        raise
+    return failed
+
+
 def run_judgments(tasks: list[Task], db: Path, client, judge_model: str, concurrency: int = 8,
                   max_tokens: int = 1024, retry_invalid: bool = False, log=print,
                   guided: bool = False) -> list[tuple[Task, str]]:
     """Ask the judge for every task not yet stored in `db` (and, with `retry_invalid`, again for
     stored invalid ones). Each reply is stored as soon as it arrives. Returns the tasks that failed
-    for good, with the reason; `UserError` (a wrong URL, key or model) stops everything at once."""
-    from eval.client import RequestFailed, run_concurrently
-
+    for good, with the reason (`ask_each`)."""
     stored = storage.get_judgments(db, [t.key for t in tasks])
     todo = [t for t in tasks if t.key not in stored or (retry_invalid and stored[t.key].verdict == "invalid")]
     log(f"judge {judge_model}: {len(tasks)} judgments needed, {len(tasks) - len(todo)} already stored, "
@@ -252,24 +410,11 @@ def run_judgments(tasks: list[Task], db: Path, client, judge_model: str, concurr
             storage.add_judgment(conn, j)
         return verdict
 
-    failed, counts = [], Counter()
-    try:
-        for done, (task, verdict, error) in enumerate(run_concurrently(ask, todo, concurrency), start=1):
-            if isinstance(error, RequestFailed):
-                failed.append((task, str(error)))
-            elif error is not None:
-                raise error
-            else:
-                counts[verdict] += 1
-            if done % 50 == 0 or done == len(todo):
-                log(f"judge: {done}/{len(todo)} ({counts['A']} A, {counts['B']} B, {counts['tie']} tie, "
-                    f"{counts['invalid']} invalid, {len(failed)} failed)")
-    except BaseException:
-        # An interrupt, or a UserError from one request (wrong key, model or URL): stop the requests
-        # in flight. Stored replies stay; the rest is asked on the next run.
-        client.close()
-        raise
-    return failed
+    def progress(counts: Counter, failed: int) -> str:
+        return (f"{counts['A']} A, {counts['B']} B, {counts['tie']} tie, {counts['invalid']} invalid, "
+                f"{failed} failed")
+
+    return ask_each(todo, ask, client, concurrency, progress, log)
 
 
 def battles_and_report(p: Plan, db: Path, judge_model: str, answers: dict[str, dict]) -> tuple[list[dict], dict]:
@@ -310,6 +455,8 @@ def battles_and_report(p: Plan, db: Path, judge_model: str, answers: dict[str, d
             battle["question"] = list(question.turns)
             if question.category:
                 battle["category"] = question.category
+        if pair.question_id in p.referenced:
+            battle["reference_guided"] = True
         battles.append(battle)
     valid_pairs = len(p.pairs) - unjudged - len(invalid)
     n_pos = sum(position.values())
@@ -331,8 +478,173 @@ def battles_and_report(p: Plan, db: Path, judge_model: str, answers: dict[str, d
         "length_bias": {"longer_won": round(longer / decisive, 4) if decisive else None, "decisive_battles": decisive},
         "mean_answer_chars": {m: round(sum(len(r["answer"]) for r in recs.values()) / len(recs), 1)
                               for m, recs in answers.items()},
+        "reference_guided_questions": len(p.referenced),
     }
     return battles, report
+
+
+def interval_json(m) -> dict:
+    """A `chatbuild.ratings.MeanInterval` for the report, rounded."""
+    def r(x):
+        return None if x is None else round(x, 4)
+
+    return {"mean": r(m.mean), "low": r(m.low), "high": r(m.high), "n": m.n}
+
+
+# ── single-answer grading ──────────────────────────────────────────────────────────────────────
+@dataclass(frozen=True)
+class GradeTask:
+    """One grading request: `model`'s answer to one question."""
+
+    key: str
+    question_id: object
+    model: str
+    messages: tuple
+
+
+def grade_plan(questions: list[Question], answers: dict[str, dict], judge_model: str,
+               references: dict | None = None, categories=REFERENCE_CATEGORIES) -> tuple[list[GradeTask], Plan]:
+    """A grading task for every answer to a question in the set, and the plan's bookkeeping
+    (missing and ignored answers, questions, reference-guided ones; no pairs)."""
+    qids = {q.question_id for q in questions}
+    tasks, referenced = [], set()
+    for q in questions:
+        reference = reference_for(q, references, categories)
+        for model, recs in answers.items():
+            rec = recs.get(q.question_id)
+            if rec is None:
+                continue
+            messages = render_grade(q, rec, reference)
+            key = judgment_key(judge_model, model, "", messages)  # the empty second model: a grade, not a pair
+            tasks.append(GradeTask(key, q.question_id, model, tuple(messages)))
+            if reference is not None:
+                referenced.add(q.question_id)
+    missing = {m: sum(q.question_id not in answers[m] for q in questions) for m in answers}
+    ignored = sum(qid not in qids for recs in answers.values() for qid in recs)
+    return tasks, Plan([], [], {m: n for m, n in missing.items() if n}, ignored,
+                       {q.question_id: q for q in questions}, referenced)
+
+
+def run_grades(tasks: list[GradeTask], db: Path, client, judge_model: str, concurrency: int = 8,
+               max_tokens: int = 1024, retry_invalid: bool = False, log=print,
+               guided: bool = False) -> list[tuple[GradeTask, str]]:
+    """`run_judgments` for grading requests: ask what `db` lacks, store each reply as it arrives."""
+    stored = storage.get_grades(db, [t.key for t in tasks])
+    todo = [t for t in tasks if t.key not in stored or (retry_invalid and stored[t.key].grade is None)]
+    log(f"judge {judge_model}: {len(tasks)} grades needed, {len(tasks) - len(todo)} already stored, "
+        f"{len(todo)} to ask")
+    if not todo:
+        return []
+
+    def ask(task: GradeTask) -> str:
+        extra = {"guided_choice": GRADE_CHOICES} if guided else {}
+        got = client.complete(judge_model, list(task.messages), temperature=0, max_tokens=max_tokens, **extra)
+        grade = parse_grade(got.text)
+        g = storage.Grade(task.key, judge_model, task.question_id, task.model, grade, got.text, time.time(),
+                          {"prompt": GRADE_PROMPT_VERSION, "latency": round(got.latency, 3),
+                           "attempts": got.attempts, "finish_reason": got.finish_reason, "usage": got.usage})
+        with storage.transaction(db) as conn:
+            storage.add_grade(conn, g)
+        return "invalid" if grade is None else "graded"
+
+    def progress(counts: Counter, failed: int) -> str:
+        return f"{counts['graded']} graded, {counts['invalid']} invalid, {failed} failed"
+
+    return ask_each(todo, ask, client, concurrency, progress, log)
+
+
+def grades_and_report(tasks: list[GradeTask], p: Plan, db: Path, judge_model: str, rounds: int = 1000,
+                      seed: int = 0) -> tuple[list[dict], dict]:
+    """Grade records for --out (module docstring) from the stored grades, and the report: each
+    model's mean grade with a bootstrap interval, invalid counts."""
+    from chatbuild.ratings import mean_interval
+
+    got = storage.get_grades(db, [t.key for t in tasks])
+    records, invalid = [], []
+    for t in tasks:
+        g = got.get(t.key)
+        if g is None:
+            continue
+        question = p.questions.get(t.question_id)
+        rec = {"model": t.model, "question_id": t.question_id,
+               "category": question.category if question is not None else None,
+               "grade": g.grade, "judge": judge_model, "judge_reply": g.raw}
+        if t.question_id in p.referenced:
+            rec["reference_guided"] = True
+        records.append(rec)
+        if g.grade is None:
+            invalid.append({"question_id": t.question_id, "model": t.model, "reply": g.raw[-200:]})
+    models = {}
+    for model in dict.fromkeys(t.model for t in tasks):
+        mine = [r for r in records if r["model"] == model]
+        stats = interval_json(mean_interval([r["grade"] for r in mine if r["grade"] is not None], rounds, seed))
+        models[model] = {**stats, "invalid": sum(r["grade"] is None for r in mine)}
+    report = {
+        "judge": judge_model,
+        "mode": "single",
+        "prompt": GRADE_PROMPT_VERSION,
+        "answers": len(tasks),
+        "graded": sum(r["grade"] is not None for r in records),
+        "invalid_grades": len(invalid),
+        "invalid_examples": invalid[:10],
+        "ungraded": len(tasks) - len(records),
+        "missing_answers": p.missing,
+        "ignored_answers": p.ignored,
+        "reference_guided_questions": len(p.referenced),
+        "mean_grades": models,
+        "grade_counts": {str(n): sum(r["grade"] == n for r in records) for n in range(1, 11)},
+    }
+    return records, report
+
+
+def describe_grades(report: dict) -> str:
+    """The single-mode report as a few readable lines and a table of mean grades."""
+    lines = [f"{report['graded']} of {report['answers']} answers graded 1-10"]
+    if report["invalid_grades"]:
+        lines.append(f"{report['invalid_grades']} judge replies had no valid final [[1]]..[[10]] grade; they are "
+                     "left out (grade null in the file), raw texts are in the database")
+    if report["ungraded"]:
+        lines.append(f"{report['ungraded']} answers are not graded yet (failed requests); rerun to resume")
+    for model, n in report["missing_answers"].items():
+        lines.append(f"{model} has no answer for {n} question(s)")
+    width = max(map(len, report["mean_grades"]), default=5)
+    lines.append(f"{'model':<{width}}  mean grade  95% interval   graded  invalid")
+    for model, m in sorted(report["mean_grades"].items(), key=lambda kv: -(kv[1]["mean"] or 0)):
+        mean = f"{m['mean']:.2f}" if m["mean"] is not None else "-"
+        ci = f"{m['low']:.2f}-{m['high']:.2f}" if m["mean"] is not None else "-"
+        lines.append(f"{model:<{width}}  {mean:>10}  {ci:<13}  {m['n']:>6}  {m['invalid']:>7}")
+    return "\n".join(lines)
+
+
+def describe_baseline(report: dict) -> str:
+    """Win rates against the baseline, one line per model (best first)."""
+    b = report["baseline"]
+    rates = sorted(b["win_rates"].items(), key=lambda kv: -(kv[1]["mean"] or 0))
+    width = max((len(m) for m, _ in rates), default=5)
+    lines = [f"win rate against {b['model']} (ties count half; 95% bootstrap interval over battles):"]
+    for model, r in rates:
+        lines.append(f"  {model:<{width}}  {r['mean']:6.1%}  ({r['low']:.1%} to {r['high']:.1%})  {r['n']} battles")
+    return "\n".join(lines)
+
+
+def describe_weak_judge(judge_model: str, battles: list[dict] | None = None, grade_counts: dict | None = None) -> str:
+    """The plain warning a small local judge's results come with, with its position bias."""
+    from chatbuild.agreement import bias
+
+    text = (f"judge {judge_model} runs in this process: a small local model is a weak judge; read its verdicts "
+            "as a smoke test, not as a ranking")
+    if battles:
+        b = bias(battles, judge_model)
+        if b.first is not None:
+            text += (f". Its position bias: the answer shown first won {b.first:.0%} of its {b.judgments} "
+                     f"single judgments, the second {b.second:.0%}, tie {b.tie:.0%} (an unbiased judge wins about "
+                     "as often either way). Check it against people with `chatbuild eval agreement`")
+    graded = sum(grade_counts.values()) if grade_counts else 0
+    if graded:
+        top = max(grade_counts, key=grade_counts.get)
+        text += (f". It gave [[{top}]] to {grade_counts[top] / graded:.0%} of the {graded} answers it graded "
+                 f"({sum(n > 0 for n in grade_counts.values())} distinct grades)")
+    return text
 
 
 def answer_text(rec: dict) -> str:
@@ -368,25 +680,73 @@ def describe(report: dict) -> str:
 
 def judge(answers: dict[str, dict], questions: list[Question] | None, client, judge_model: str, out: Path,
           db: Path, concurrency: int = 8, max_tokens: int = 1024, retry_invalid: bool = False,
-          log=print, guided: bool = False) -> tuple[dict, list]:
+          log=print, guided: bool = False, mode: str = "pairwise", baseline: str | None = None,
+          references: dict | None = None, categories=REFERENCE_CATEGORIES, local: bool = False) -> tuple[dict, list]:
     """The whole step: plan, ask what is missing, write --out and the report. Returns (report,
-    failed tasks)."""
+    failed tasks). `mode` is one of MODES (module docstring); `local`: the judge runs in this
+    process, and the report says how weak such a judge is."""
+    if mode not in MODES:
+        raise UserError(f'--mode "{mode}" is unknown; use {", ".join(MODES)}')
+    if (mode == "baseline") != (baseline is not None):
+        raise UserError("--mode baseline needs --baseline MODEL" if baseline is None
+                        else f"--baseline applies to --mode baseline, not {mode}")
     if questions is None:
         questions = questions_from_answers(answers)
-    p = plan(questions, answers, judge_model)
+    if mode == "single":
+        return grade(answers, questions, client, judge_model, out, db, concurrency, max_tokens, retry_invalid, log,
+                     guided, references, categories, local)
+    p = plan(questions, answers, judge_model, baseline, references, categories)
     if not p.pairs:
-        raise UserError("no question was answered by two models; nothing to judge")
+        raise UserError("no question was answered by two models; nothing to judge" if baseline is None
+                        else f"no question was answered by both {baseline} and another model; nothing to judge")
     failed = run_judgments(p.tasks, db, client, judge_model, concurrency, max_tokens, retry_invalid, log, guided)
     battles, report = battles_and_report(p, db, judge_model, answers)
+    report["mode"] = mode
     report["failed_requests"] = len(failed)
     report["retries"] = getattr(client, "retried", 0)
+    if baseline is not None:
+        from chatbuild.ratings import baseline_win_rates
+
+        rates = baseline_win_rates(battles, baseline)
+        report["baseline"] = {"model": baseline, "win_rates": {m: interval_json(r) for m, r in rates.items()}}
+    if local:
+        report["local_judge"] = True
     with storage.transaction(db) as conn:
         storage.replace_battles(conn, battles, source="judge")
     write_battles(out, battles)
     report_path = out.with_name(out.stem + ".report.json")
     report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     log(describe(report))
+    if baseline is not None and report["baseline"]["win_rates"]:
+        log(describe_baseline(report))
+    if local:
+        log(describe_weak_judge(judge_model, battles))
     log(f"battles: {out}  report: {report_path}  judge replies: {db}")
+    return report, failed
+
+
+def grade(answers: dict[str, dict], questions: list[Question], client, judge_model: str, out: Path, db: Path,
+          concurrency: int = 8, max_tokens: int = 1024, retry_invalid: bool = False, log=print,
+          guided: bool = False, references: dict | None = None, categories=REFERENCE_CATEGORIES,
+          local: bool = False) -> tuple[dict, list]:
+    """`judge` in single mode: grade every answer, write the grades JSONL and the report."""
+    tasks, p = grade_plan(questions, answers, judge_model, references, categories)
+    if not tasks:
+        raise UserError("no answer is to a question in the question set; nothing to grade")
+    failed = run_grades(tasks, db, client, judge_model, concurrency, max_tokens, retry_invalid, log, guided)
+    records, report = grades_and_report(tasks, p, db, judge_model)
+    report["failed_requests"] = len(failed)
+    report["retries"] = getattr(client, "retried", 0)
+    if local:
+        report["local_judge"] = True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    report_path = out.with_name(out.stem + ".report.json")
+    report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    log(describe_grades(report))
+    if local:
+        log(describe_weak_judge(judge_model, grade_counts=report["grade_counts"]))
+    log(f"grades: {out}  report: {report_path}  judge replies: {db}")
     return report, failed
 
 
@@ -396,17 +756,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="answers JSONL files (or folders of them), from `chatbuild eval answers` or in its format")
     p.add_argument("--questions", default=None,
                    help='"demo", "vicuna" or a questions JSONL (default: the questions stored in the answers)')
-    p.add_argument("--judge-url", required=True, help="OpenAI-compatible API of the judge, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--judge-model", required=True, help="the judge model's name on that server")
+    p.add_argument("--judge-url", default=None,
+                   help="OpenAI-compatible API of the judge, e.g. http://127.0.0.1:8000/v1 (default: none, "
+                        "--judge-model is then a local run or base run in this process)")
+    p.add_argument("--judge-model", required=True, metavar="NAME|RUN|BASE",
+                   help="the judge model's name on --judge-url's server; without --judge-url, a run folder or a "
+                        'base chatbuild loads ("tiny", "smollm2", a model folder), judged in-process (offline)')
     p.add_argument("--judge-api-key", default=None,
                    help="key for the judge's server (default: $CHATBUILD_JUDGE_API_KEY, then $OPENAI_API_KEY)")
-    p.add_argument("--out", required=True, metavar="BATTLES.jsonl", help="where the battles go")
+    p.add_argument("--mode", choices=MODES, default="pairwise",
+                   help="pairwise: every pair of models (default); baseline: every model vs --baseline; "
+                        "single: a 1-10 grade per answer (--out is then a grades JSONL)")
+    p.add_argument("--baseline", default=None, metavar="MODEL", help="the model every other one meets (--mode baseline)")
+    p.add_argument("--reference", default=None, metavar="FILE",
+                   help='reference answers, JSONL of {"question_id": ..., "answer": ...}, shown to the judge for '
+                        "questions of the --reference-categories")
+    p.add_argument("--reference-categories", default=",".join(REFERENCE_CATEGORIES), metavar="LIST",
+                   help=f"comma-separated question categories that get the reference (default: "
+                        f"{','.join(REFERENCE_CATEGORIES)})")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl", help="where the battles (or, in single mode, grades) go")
     p.add_argument("--db", default=None, help="SQLite file for the judge's replies (default: beside --out, .sqlite)")
     add_request_arguments(p)
     p.add_argument("--retry-invalid", action="store_true", help="ask again where a stored verdict was unparseable")
     p.add_argument("--guided-choice", action="store_true",
-                   help="ask the server to answer only [[A]], [[B]] or [[TIE]] (vLLM's guided_choice; chatbuild serve "
-                        "supports it too): for small local judges")
+                   help="ask the judge to answer only [[A]], [[B]] or [[TIE]] (single mode: [[1]]..[[10]]); vLLM's "
+                        "guided_choice, which chatbuild serve and the local judge support too: for small judges")
 
 
 def add_request_arguments(p: argparse.ArgumentParser) -> None:
@@ -421,26 +795,74 @@ def judge_api_key(given: str | None) -> str | None:
     return given or os.environ.get("CHATBUILD_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
-def run(args: argparse.Namespace) -> int:
-    from eval.client import ChatClient
+def categories_of(text: str) -> tuple[str, ...]:
+    """--reference-categories "math, coding" → ("math", "coding")."""
+    found = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not found:
+        raise UserError("--reference-categories: give at least one category")
+    return found
 
+
+def open_judge(url: str | None, model: str, api_key: str | None = None, timeout: float = 120.0, retries: int = 4,
+               backoff: float = 1.0):
+    """(client, the judge's model name, local): an OpenAI-compatible client for a judge at `url`, or,
+    without a URL, `eval.client.EngineClient` over the in-process engine serving `model`: a run
+    folder (under its run name) or a base (`chatbuild.bases.resolve_base`: "tiny", "smollm2", a folder)."""
+    from eval.client import ChatClient, EngineClient
+
+    if url:
+        return ChatClient(url, api_key, timeout=timeout, retries=retries, backoff=backoff), model, False
+    from chatbuild.runs import is_run
+
+    if re.fullmatch(r".+@https?://\S+", model):
+        raise UserError(f'--judge-model "{model}": give the URL with --judge-url and the model name alone')
+    try:
+        from chatbuild.bases import resolve_base
+        from chatbuild.engines import open_engine
+    except ImportError as e:
+        raise UserError(f"a local judge needs the serving engine ({e}); serve it and pass --judge-url") from None
+    if is_run(model):
+        engine = open_engine([model])
+        return EngineClient(engine), engine.models()[0], True
+    path = Path(model)
+    if path.exists() and not (path / "config.json").is_file():
+        raise UserError(f"--judge-model {model}: neither a finished run folder nor a model folder")
+    if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+        raise UserError(f"--judge-model {model}: no such run folder or model folder")
+    try:
+        engine = open_engine([], base=resolve_base(model), base_name=None if path.exists() else model)
+    except UserError as e:
+        raise UserError(f"--judge-model {model} (no --judge-url, so a run or base judged in-process): {e}") from None
+    return EngineClient(engine), engine.models()[-1], True
+
+
+def run(args: argparse.Namespace) -> int:
     if args.concurrency < 1 or args.max_tokens < 1 or args.retries < 0:
         raise UserError("--concurrency and --max-tokens must be >= 1, --retries >= 0")
+    if (args.mode == "baseline") != (args.baseline is not None):
+        raise UserError("--mode baseline needs --baseline MODEL" if args.baseline is None
+                        else f"--baseline applies to --mode baseline, not {args.mode}")
     answers = load_answer_files(args.answers)
+    if args.baseline is not None:
+        model_pairs(list(answers), args.baseline)  # an unknown baseline is refused before a judge loads
     questions = load_questions(args.questions) if args.questions else None
+    references = load_references(args.reference) if args.reference else None
+    categories = categories_of(args.reference_categories)
     out = Path(args.out)
     db = Path(args.db) if args.db else out.with_suffix(".sqlite")
-    client = ChatClient(args.judge_url, judge_api_key(args.judge_api_key), timeout=args.timeout,
-                        retries=args.retries, backoff=args.backoff)
+    client, judge_model, local = open_judge(args.judge_url, args.judge_model, judge_api_key(args.judge_api_key),
+                                            args.timeout, args.retries, args.backoff)
     try:
-        _, failed = judge(answers, questions, client, args.judge_model, out, db, args.concurrency, args.max_tokens,
-                          args.retry_invalid, guided=args.guided_choice)
+        _, failed = judge(answers, questions, client, judge_model, out, db, args.concurrency, args.max_tokens,
+                          args.retry_invalid, guided=args.guided_choice, mode=args.mode, baseline=args.baseline,
+                          references=references, categories=categories, local=local)
     finally:
         client.close()
     if failed:
         for task, reason in failed[:5]:
-            print(f"failed: question {task.question_id!r}, {task.first} shown first vs {task.second}: {reason}",
-                  file=sys.stderr)
+            what = (f"{task.model}'s answer" if isinstance(task, GradeTask)
+                    else f"{task.first} shown first vs {task.second}")
+            print(f"failed: question {task.question_id!r}, {what}: {reason}", file=sys.stderr)
         print(f"{len(failed)} judge requests failed; rerun the same command to retry them", file=sys.stderr)
         return 1
     return 0

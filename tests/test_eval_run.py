@@ -148,7 +148,71 @@ def test_eval_run_config_errors(tmp_path, capsys):
     assert "did you mean ratings" in capsys.readouterr().err
     cfg.write_text("models: [a@http://x/v1, b@http://x/v1]\n")
     assert main(["eval", "run", str(cfg)]) == 2
-    assert "judge.url and judge.model are required" in capsys.readouterr().err
+    assert "judge.model is required" in capsys.readouterr().err
+    two = "models: [a@http://x/v1, b@http://x/v1]\n"
+    for judge, ratings, message in [
+        ("{url: 'http://x/v1', model: j, mode: triple}", "{}", 'judge.mode "triple" is not one of pairwise, baseline, single'),
+        ("{url: 'http://x/v1', model: j, mode: baseline}", "{}", "judge.baseline is required with mode baseline"),
+        ("{url: 'http://x/v1', model: j, baseline: a}", "{}", "judge.baseline applies to mode baseline, not pairwise"),
+        ("{url: 'http://x/v1', model: j}", "{style_control: true}", "ratings.style_control is Bradley-Terry"),
+    ]:
+        cfg.write_text(f"{two}judge: {judge}\nratings: {ratings}\n")
+        assert main(["eval", "run", str(cfg)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_eval_run_baseline_mode_with_style_control_by_category(tmp_path, capsys):
+    script = ModelsAndJudge()
+    with ScriptedServer(script, models=list(STRENGTH) + ["judge"]) as server:
+        cfg = tmp_path / "eval.yaml"
+        cfg.write_text(
+            f"models: [alpha@{server.url}, beta@{server.url}, gamma@{server.url}]\n"
+            f"judge: {{url: '{server.url}', model: judge, mode: baseline, baseline: beta}}\n"
+            "ratings: {method: bt, bootstrap: 5, style_control: true, by_category: true}\n"
+        )
+        assert main(["eval", "run", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    assert "2. judge (baseline)" in printed and "win rate against beta" in printed
+    out = tmp_path / "eval-out"
+    battles = [json.loads(line) for line in (out / "battles.jsonl").read_text().splitlines()]
+    assert battles and all(b["model_b"] == "beta" for b in battles)
+    report = json.loads((out / "battles.report.json").read_text())
+    assert report["baseline"]["win_rates"]["alpha"]["mean"] == 1.0 and report["baseline"]["win_rates"]["gamma"]["mean"] == 0.0
+    board = json.loads((out / "leaderboard.json").read_text())
+    categories = {c["category"] for c in board["categories"]}
+    assert categories == {q.category for q in load_questions("demo")}
+    assert all("style" in c for c in board["categories"])
+    assert "### coding" in (out / "leaderboard.md").read_text()
+
+
+def test_eval_run_single_mode_with_references_next_to_the_config(tmp_path, capsys):
+    script = ModelsAndJudge()
+    grading = []
+
+    def respond(body):
+        system = body["messages"][0]["content"]
+        if "grade the answer" in system:
+            grading.append(body["messages"])
+            model = re.findall(r"<<model:(\w+)>>", body["messages"][-1]["content"])[-1]
+            return Reply(f"Fine. [[{3 * STRENGTH[model]}]]")
+        return script(body)
+
+    math = [q for q in load_questions("demo") if q.category == "math"]
+    (tmp_path / "refs.jsonl").write_text(json.dumps({"question_id": math[0].question_id, "answer": "REF-42"}) + "\n")
+    with ScriptedServer(respond, models=list(STRENGTH) + ["judge"]) as server:
+        cfg = tmp_path / "eval.yaml"
+        cfg.write_text(
+            f"models: [alpha@{server.url}, beta@{server.url}, gamma@{server.url}]\n"
+            f"judge: {{url: '{server.url}', model: judge, mode: single, reference: refs.jsonl}}\n"
+        )
+        assert main(["eval", "run", str(cfg)]) == 0
+    out = tmp_path / "eval-out"
+    report = json.loads((out / "grades.report.json").read_text())
+    assert {m: g["mean"] for m, g in report["mean_grades"].items()} == {"alpha": 9.0, "beta": 6.0, "gamma": 3.0}
+    assert report["invalid_grades"] == 0 and not (out / "leaderboard.json").exists()
+    with_ref = [m for m in grading if "REF-42" in m[-1]["content"]]
+    assert len(with_ref) == 3 and all(math[0].text in m[-1]["content"] for m in with_ref)
+    assert "mean grades" in capsys.readouterr().out
 
 
 def test_eval_run_with_a_judge_that_never_gives_a_verdict(tmp_path, capsys):
@@ -183,6 +247,12 @@ def test_config_models_a_folder_beside_the_config_is_not_a_run(tmp_path):
     assert load_eval_config(cfg_path).models[0] == str(tmp_path / "runs" / "half")
     with pytest.raises(UserError, match="not a finished run folder"):
         parse_model(load_eval_config(cfg_path).models[0])
+    # a local judge (no url): a path is resolved against the config, a base name is kept; a reference too
+    cfg_path.write_text("models: [a@http://x/v1, b@http://x/v1]\njudge: {model: runs/half, reference: r.jsonl}\n")
+    cfg = load_eval_config(cfg_path)
+    assert cfg.judge.model == str(tmp_path / "runs" / "half") and cfg.judge.reference == str(tmp_path / "r.jsonl")
+    cfg_path.write_text("models: [a@http://x/v1, b@http://x/v1]\njudge: {model: smollm2}\n")
+    assert load_eval_config(cfg_path).judge.model == "smollm2"
 
 
 @pytest.mark.integration

@@ -6,6 +6,7 @@ what is checked is the machinery: the requests, both orders, stored raw replies,
 counts add up (a tiny judge rarely writes a verdict marker, so most verdicts are "invalid")."""
 
 import json
+import re
 
 import pytest
 from runfolders import make_run
@@ -108,3 +109,56 @@ def test_guided_choice_makes_a_tiny_judge_give_valid_verdicts(tiny_runs, questio
     assert all(j.raw in GUIDED_CHOICES and j.verdict in ("A", "B", "tie") for j in stored.values()), stored
     report = json.loads(out.with_name("battles.report.json").read_text())
     assert report["invalid_judgments"] == 0 and report["battles"] == 3
+
+
+def test_a_local_judge_from_a_run_or_the_bare_base_works_offline_and_shows_its_bias(tiny_runs, tiny_base, tmp_path,
+                                                                                     capsys):
+    """No --judge-url: the judge is a run folder (or the bare tiny base) in this process. Its verdicts
+    are noise; what counts is that there are some, and that the report says how weak it is."""
+    from test_eval_judge import write_inputs
+
+    qfile, files = write_inputs(tmp_path, n_questions=2)
+    out = tmp_path / "battles.jsonl"
+    rc = main(["eval", "judge", "--answers", *map(str, files), "--questions", str(qfile), "--judge-model",
+               str(tiny_runs[0]), "--out", str(out), "--max-tokens", "8", "--guided-choice"])
+    assert rc == 0, capsys.readouterr().err
+    stored = storage.get_judgments(out.with_suffix(".sqlite"))
+    assert len(stored) == 2 * 3 * 2  # 2 questions x 3 pairs x 2 orders
+    assert all(j.judge == "tiny-a" and j.verdict in ("A", "B", "tie") for j in stored.values())
+    report = json.loads(out.with_name("battles.report.json").read_text())
+    assert report["local_judge"] is True and report["battles"] == 6
+    printed = capsys.readouterr().out
+    bias = re.search(r"a small local model is a weak judge.*the answer shown first won (\d+)% of its 12 single "
+                     r"judgments", printed)
+    assert bias, printed
+    first = sum(j.verdict == "A" for j in stored.values())
+    assert int(bias.group(1)) == round(100 * first / 12)
+
+    # single mode with the bare base as the judge: one grade per answer, valid with guided choice
+    grades = tmp_path / "grades.jsonl"
+    rc = main(["eval", "judge", "--answers", *map(str, files), "--questions", str(qfile), "--judge-model",
+               str(tiny_base), "--mode", "single", "--out", str(grades), "--max-tokens", "8", "--guided-choice"])
+    assert rc == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in grades.read_text().splitlines()]
+    assert len(records) == 6 and all(r["judge"] == tiny_base.name and 1 <= r["grade"] <= 10 for r in records)
+    printed = capsys.readouterr().out
+    assert "a small local model is a weak judge" in printed and "distinct grades" in printed
+
+
+def test_engine_client_fails_one_request_for_a_long_prompt_and_stops_for_an_unknown_model(tiny_runs):
+    """The local judge's client: a prompt the engine refuses fails that request (the judge reports
+    it and goes on); a wrong model name is a UserError, which stops the whole run."""
+    from chatbuild.engines import UnknownModel, open_engine
+    from eval.client import EngineClient, RequestFailed
+
+    client = EngineClient(open_engine(list(tiny_runs), max_prompt_tokens=32))
+    try:
+        got = client.complete("tiny-a", [{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert got.usage["completion_tokens"] >= 1 and got.finish_reason in ("stop", "length")
+        with pytest.raises(RequestFailed, match="prompt"):
+            client.complete("tiny-a", [{"role": "user", "content": "word " * 200}], max_tokens=4)
+        with pytest.raises(UnknownModel):
+            client.complete("nobody", [{"role": "user", "content": "Hi"}], max_tokens=4)
+    finally:
+        client.close()
+    client.close()  # a second close (the judge closes on an error, its caller again) does nothing
