@@ -173,6 +173,27 @@ def bias(battles: Iterable[Mapping], rater: str) -> Bias:
                 longer / decisive if decisive else None)
 
 
+def weak_judge_warning(judge: str, battles: Iterable[Mapping] | None = None,
+                       grade_counts: Mapping[str, int] | None = None) -> str:
+    """The plain warning a small local judge's results come with (`eval judge` prints it, the
+    Leaderboard tab shows it next to them): its position bias over `battles`, and with
+    `grade_counts` ({"1": n, ..., "10": n}) how often it gave its favourite grade."""
+    text = (f"judge {judge} ran in chatbuild's own process: a small local model is a weak judge; read its "
+            "verdicts as a smoke test, not as a ranking")
+    if battles:
+        b = bias(battles, judge)
+        if b.first is not None:
+            text += (f". Its position bias: the answer shown first won {b.first:.0%} of its {b.judgments} "
+                     f"single judgments, the second {b.second:.0%}, tie {b.tie:.0%} (an unbiased judge wins about "
+                     "as often either way). Check it against people with `chatbuild eval agreement`")
+    graded = sum(grade_counts.values()) if grade_counts else 0
+    if graded:
+        top = max(grade_counts, key=grade_counts.get)
+        text += (f". It gave [[{top}]] to {grade_counts[top] / graded:.0%} of the {graded} answers it graded "
+                 f"({sum(n > 0 for n in grade_counts.values())} distinct grades)")
+    return text
+
+
 @dataclass
 class Report:
     """Agreement per judge, and the biases of the humans and of each judge."""

@@ -33,7 +33,9 @@ Methods:
   bootstrap interval: Arena-Hard's headline number (Li et al. 2024), from battles that all involve
   the baseline (`chatbuild eval judge --mode baseline`).
 - `mean_interval`: a mean with a bootstrap interval, for single-answer grades (MT-bench's 1-10
-  scores, Zheng et al. 2023; `chatbuild eval judge --mode single`).
+  scores, Zheng et al. 2023; `chatbuild eval judge --mode single`); `mean_grades`: one per model,
+  with the invalid replies counted. `baseline_of` tells baseline-mode battles and their baseline.
+  `eval judge`'s report and the UI's Leaderboard tab both call these.
 
 `METHODS` is the registry of rating methods ("paper", "elo", "bt"): each entry's rating function, its
 default bootstrap rounds, its own interval (if it has one) and a one-line description. The command
@@ -646,3 +648,56 @@ def baseline_win_rates(battles: Sequence[Mapping], baseline: str, rounds: int = 
         model, score = (other, 1.0 - score) if a == baseline else (a, score)
         scores.setdefault(model, []).append(score)
     return {m: mean_interval(scores[m], rounds, seed) for m in sorted(scores)}
+
+
+@dataclass
+class MeanGrade:
+    """One model's single-answer grades: the mean with its bootstrap interval over the `n` valid
+    grades, and how many replies held no valid grade (`invalid`, left out of the mean)."""
+
+    mean: float | None
+    low: float | None
+    high: float | None
+    n: int
+    invalid: int
+
+
+def mean_grades(grades: Sequence[Mapping], rounds: int = 1000, seed: int = 0,
+                models: Sequence[str] | None = None) -> dict[str, MeanGrade]:
+    """{model: MeanGrade} over grade records ({"model": ..., "grade": 1-10 or None for an invalid
+    reply}), in `models`' order (every one listed, n 0 without grades) or in order of appearance."""
+    order = list(dict.fromkeys(models if models is not None else (g["model"] for g in grades)))
+    valid: dict[str, list[float]] = {m: [] for m in order}
+    invalid = dict.fromkeys(order, 0)
+    for g in grades:
+        if g["model"] not in valid:
+            continue
+        if g["grade"] is None:
+            invalid[g["model"]] += 1
+        else:
+            valid[g["model"]].append(g["grade"])
+    out = {}
+    for m in order:
+        mi = mean_interval(valid[m], rounds, seed)
+        out[m] = MeanGrade(mi.mean, mi.low, mi.high, mi.n, invalid[m])
+    return out
+
+
+def baseline_of(battles: Sequence[Mapping]) -> str | None:
+    """The baseline these battles were judged against, or None when they are not baseline-mode:
+    the `baseline` field when every battle carries the same one (`eval judge --mode baseline`
+    writes it); for battles without the field, the one model that plays in every battle, when at
+    least three models play (with two, every battle holds both and pairwise looks the same)."""
+    if not battles:
+        return None
+    marks = {b.get("baseline") for b in battles}
+    if len(marks) == 1 and None not in marks:
+        mark = marks.pop()
+        return mark if all(mark in (b["model_a"], b["model_b"]) for b in battles) else None
+    if marks != {None}:
+        return None  # a mix of baseline runs, or of baseline and pairwise battles: no single baseline
+    common = {battles[0]["model_a"], battles[0]["model_b"]}
+    for b in battles[1:]:
+        common &= {b["model_a"], b["model_b"]}
+    models = {m for b in battles for m in (b["model_a"], b["model_b"])}
+    return common.pop() if len(common) == 1 and len(models) >= 3 else None

@@ -36,7 +36,9 @@ The judge: `--judge-url URL --judge-model NAME` is a model on an OpenAI-compatib
 --judge-url, --judge-model is a local run folder or a base chatbuild can load ("tiny", "smollm2", a
 model folder), served in this process by `chatbuild.engines` (the hf engine): the loop then works
 offline. A small local judge is weak (it tends to follow the position an answer is shown in), so
-the report prints its position bias (`chatbuild.agreement.bias`) next to its verdicts.
+the report prints its position bias (`chatbuild.agreement.weak_judge_warning`) next to its verdicts,
+and its battles and grades are stored with `"local_judge": true` so the UI's Leaderboard tab shows it too.
+Baseline-mode battles carry `"baseline": MODEL` (the tab's "Win rate vs" table reads it).
 
 How a battle is decided:
 1. For question q and models X, Y the judge sees both answers twice: X as "Assistant A" and Y as
@@ -88,6 +90,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatbuild import storage
+from chatbuild.agreement import weak_judge_warning
 from chatbuild.battles import write_battles
 from chatbuild.data.sources import read_jsonl
 from chatbuild.errors import UserError, where
@@ -484,7 +487,7 @@ def battles_and_report(p: Plan, db: Path, judge_model: str, answers: dict[str, d
 
 
 def interval_json(m) -> dict:
-    """A `chatbuild.ratings.MeanInterval` for the report, rounded."""
+    """A `chatbuild.ratings.MeanInterval` (or `MeanGrade`) for the report, rounded."""
     def r(x):
         return None if x is None else round(x, 4)
 
@@ -500,6 +503,7 @@ class GradeTask:
     question_id: object
     model: str
     messages: tuple
+    category: str | None = None  # stored with the grade: the Leaderboard tab's category filter reads it
 
 
 def grade_plan(questions: list[Question], answers: dict[str, dict], judge_model: str,
@@ -516,7 +520,7 @@ def grade_plan(questions: list[Question], answers: dict[str, dict], judge_model:
                 continue
             messages = render_grade(q, rec, reference)
             key = judgment_key(judge_model, model, "", messages)  # the empty second model: a grade, not a pair
-            tasks.append(GradeTask(key, q.question_id, model, tuple(messages)))
+            tasks.append(GradeTask(key, q.question_id, model, tuple(messages), q.category or None))
             if reference is not None:
                 referenced.add(q.question_id)
     missing = {m: sum(q.question_id not in answers[m] for q in questions) for m in answers}
@@ -527,8 +531,9 @@ def grade_plan(questions: list[Question], answers: dict[str, dict], judge_model:
 
 def run_grades(tasks: list[GradeTask], db: Path, client, judge_model: str, concurrency: int = 8,
                max_tokens: int = 1024, retry_invalid: bool = False, log=print,
-               guided: bool = False) -> list[tuple[GradeTask, str]]:
-    """`run_judgments` for grading requests: ask what `db` lacks, store each reply as it arrives."""
+               guided: bool = False, local: bool = False) -> list[tuple[GradeTask, str]]:
+    """`run_judgments` for grading requests: ask what `db` lacks, store each reply as it arrives,
+    with the question's category and, for a `local` judge, `local_judge` in its extra."""
     stored = storage.get_grades(db, [t.key for t in tasks])
     todo = [t for t in tasks if t.key not in stored or (retry_invalid and stored[t.key].grade is None)]
     log(f"judge {judge_model}: {len(tasks)} grades needed, {len(tasks) - len(todo)} already stored, "
@@ -542,7 +547,9 @@ def run_grades(tasks: list[GradeTask], db: Path, client, judge_model: str, concu
         grade = parse_grade(got.text)
         g = storage.Grade(task.key, judge_model, task.question_id, task.model, grade, got.text, time.time(),
                           {"prompt": GRADE_PROMPT_VERSION, "latency": round(got.latency, 3),
-                           "attempts": got.attempts, "finish_reason": got.finish_reason, "usage": got.usage})
+                           "attempts": got.attempts, "finish_reason": got.finish_reason, "usage": got.usage,
+                           **({"category": task.category} if task.category else {}),
+                           **({"local_judge": True} if local else {})})
         with storage.transaction(db) as conn:
             storage.add_grade(conn, g)
         return "invalid" if grade is None else "graded"
@@ -557,7 +564,7 @@ def grades_and_report(tasks: list[GradeTask], p: Plan, db: Path, judge_model: st
                       seed: int = 0) -> tuple[list[dict], dict]:
     """Grade records for --out (module docstring) from the stored grades, and the report: each
     model's mean grade with a bootstrap interval, invalid counts."""
-    from chatbuild.ratings import mean_interval
+    from chatbuild.ratings import mean_grades
 
     got = storage.get_grades(db, [t.key for t in tasks])
     records, invalid = [], []
@@ -574,11 +581,8 @@ def grades_and_report(tasks: list[GradeTask], p: Plan, db: Path, judge_model: st
         records.append(rec)
         if g.grade is None:
             invalid.append({"question_id": t.question_id, "model": t.model, "reply": g.raw[-200:]})
-    models = {}
-    for model in dict.fromkeys(t.model for t in tasks):
-        mine = [r for r in records if r["model"] == model]
-        stats = interval_json(mean_interval([r["grade"] for r in mine if r["grade"] is not None], rounds, seed))
-        models[model] = {**stats, "invalid": sum(r["grade"] is None for r in mine)}
+    models = {m: {**interval_json(g), "invalid": g.invalid}
+              for m, g in mean_grades(records, rounds, seed, models=[t.model for t in tasks]).items()}
     report = {
         "judge": judge_model,
         "mode": "single",
@@ -625,26 +629,6 @@ def describe_baseline(report: dict) -> str:
     for model, r in rates:
         lines.append(f"  {model:<{width}}  {r['mean']:6.1%}  ({r['low']:.1%} to {r['high']:.1%})  {r['n']} battles")
     return "\n".join(lines)
-
-
-def describe_weak_judge(judge_model: str, battles: list[dict] | None = None, grade_counts: dict | None = None) -> str:
-    """The plain warning a small local judge's results come with, with its position bias."""
-    from chatbuild.agreement import bias
-
-    text = (f"judge {judge_model} runs in this process: a small local model is a weak judge; read its verdicts "
-            "as a smoke test, not as a ranking")
-    if battles:
-        b = bias(battles, judge_model)
-        if b.first is not None:
-            text += (f". Its position bias: the answer shown first won {b.first:.0%} of its {b.judgments} "
-                     f"single judgments, the second {b.second:.0%}, tie {b.tie:.0%} (an unbiased judge wins about "
-                     "as often either way). Check it against people with `chatbuild eval agreement`")
-    graded = sum(grade_counts.values()) if grade_counts else 0
-    if graded:
-        top = max(grade_counts, key=grade_counts.get)
-        text += (f". It gave [[{top}]] to {grade_counts[top] / graded:.0%} of the {graded} answers it graded "
-                 f"({sum(n > 0 for n in grade_counts.values())} distinct grades)")
-    return text
 
 
 def answer_text(rec: dict) -> str:
@@ -701,6 +685,11 @@ def judge(answers: dict[str, dict], questions: list[Question] | None, client, ju
                         else f"no question was answered by both {baseline} and another model; nothing to judge")
     failed = run_judgments(p.tasks, db, client, judge_model, concurrency, max_tokens, retry_invalid, log, guided)
     battles, report = battles_and_report(p, db, judge_model, answers)
+    for b in battles:  # marks the Leaderboard tab reads (module docstring)
+        if baseline is not None:
+            b["baseline"] = baseline
+        if local:
+            b["local_judge"] = True
     report["mode"] = mode
     report["failed_requests"] = len(failed)
     report["retries"] = getattr(client, "retried", 0)
@@ -720,7 +709,7 @@ def judge(answers: dict[str, dict], questions: list[Question] | None, client, ju
     if baseline is not None and report["baseline"]["win_rates"]:
         log(describe_baseline(report))
     if local:
-        log(describe_weak_judge(judge_model, battles))
+        log(weak_judge_warning(judge_model, battles))
     log(f"battles: {out}  report: {report_path}  judge replies: {db}")
     return report, failed
 
@@ -733,7 +722,7 @@ def grade(answers: dict[str, dict], questions: list[Question], client, judge_mod
     tasks, p = grade_plan(questions, answers, judge_model, references, categories)
     if not tasks:
         raise UserError("no answer is to a question in the question set; nothing to grade")
-    failed = run_grades(tasks, db, client, judge_model, concurrency, max_tokens, retry_invalid, log, guided)
+    failed = run_grades(tasks, db, client, judge_model, concurrency, max_tokens, retry_invalid, log, guided, local)
     records, report = grades_and_report(tasks, p, db, judge_model)
     report["failed_requests"] = len(failed)
     report["retries"] = getattr(client, "retried", 0)
@@ -745,7 +734,7 @@ def grade(answers: dict[str, dict], questions: list[Question], client, judge_mod
     report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     log(describe_grades(report))
     if local:
-        log(describe_weak_judge(judge_model, grade_counts=report["grade_counts"]))
+        log(weak_judge_warning(judge_model, grade_counts=report["grade_counts"]))
     log(f"grades: {out}  report: {report_path}  judge replies: {db}")
     return report, failed
 

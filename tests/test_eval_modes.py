@@ -17,7 +17,7 @@ from test_eval_server import Reply, ScriptedServer
 from chatbuild import storage
 from chatbuild.battles import read_battles
 from chatbuild.cli import main
-from chatbuild.ratings import baseline_win_rates, mean_interval
+from chatbuild.ratings import baseline_of, baseline_win_rates, mean_grades, mean_interval
 from eval.judge import SYSTEM_PROMPT, parse_grade, render, render_grade
 from eval.questions import Question
 
@@ -91,7 +91,9 @@ def test_single_mode_grades_each_answer_and_reports_means_and_invalid_grades(tmp
     printed = capsys.readouterr().out
     assert "2 judge replies had no valid final [[1]]..[[10]] grade" in printed
     assert re.search(r"alpha\s+8\.50", printed)
-    assert len(storage.get_grades(out.with_suffix(".sqlite"))) == 12
+    stored = storage.get_grades(out.with_suffix(".sqlite"))
+    assert len(stored) == 12 and all(g.extra["category"] == "test" for g in stored.values())  # the UI filters on it
+    assert not any("local_judge" in g.extra for g in stored.values())
 
 
 def test_mean_interval_brackets_the_mean():
@@ -115,6 +117,32 @@ def test_baseline_win_rates_on_constructed_battles():
     assert rates["x"].mean == (1 + 0.5 + 0 + 1) / 4 and rates["x"].n == 4
     assert rates["y"].mean == 0.25 and rates["y"].n == 2
     assert 0 <= rates["x"].low <= 0.625 <= rates["x"].high <= 1
+
+
+def test_baseline_of_reads_the_mark_or_finds_the_one_common_model():
+    def battle(a, b, **mark):
+        return {"model_a": a, "model_b": b, "winner": "tie", **mark}
+
+    unmarked = [battle("x", "base"), battle("base", "y"), battle("z", "base")]
+    assert baseline_of(unmarked) == "base"
+    assert baseline_of(unmarked[:1]) is None  # two models: pairwise looks the same
+    assert baseline_of([*unmarked, battle("x", "y")]) is None
+    marked = [battle("x", "base", baseline="base"), battle("y", "base", baseline="base")]
+    assert baseline_of(marked) == "base"  # two models suffice when the battles say so
+    assert baseline_of([*marked, battle("x", "base")]) is None  # marked and unmarked mixed
+    assert baseline_of([*marked, battle("x", "y", baseline="y")]) is None
+    assert baseline_of([]) is None
+
+
+def test_mean_grades_counts_invalid_replies_apart_and_keeps_every_listed_model():
+    grades = [{"model": "x", "grade": 8}, {"model": "x", "grade": None}, {"model": "x", "grade": 6},
+              {"model": "y", "grade": None}, {"model": "z", "grade": 3}]
+    got = mean_grades(grades, rounds=200, seed=0, models=["y", "x", "w"])
+    assert list(got) == ["y", "x", "w"]  # z not listed: left out; w listed without grades: n 0
+    assert (got["x"].mean, got["x"].n, got["x"].invalid) == (7.0, 2, 1) and 6 <= got["x"].low <= 7 <= got["x"].high <= 8
+    assert (got["y"].mean, got["y"].n, got["y"].invalid) == (None, 0, 1)
+    assert (got["w"].n, got["w"].invalid) == (0, 0)
+    assert list(mean_grades(grades, rounds=10)) == ["x", "y", "z"]
 
 
 def test_baseline_mode_judges_each_model_against_the_baseline_in_both_orders(tmp_path, capsys):
@@ -143,6 +171,7 @@ def test_baseline_mode_judges_each_model_against_the_baseline_in_both_orders(tmp
 
     battles, _ = read_battles(out)
     assert len(battles) == 8 and all(b["model_b"] == "beta" and b["source"] == "judge" for b in battles)
+    assert all(b["baseline"] == "beta" and "local_judge" not in b for b in battles)  # the mark the UI reads
     gamma = {b["question_id"]: b for b in battles if b["model_a"] == "gamma"}
     assert [gamma[q]["winner"] for q in range(1, 5)] == ["model_a", "tie", "model_b", "model_b"]
     assert gamma[2]["order_verdicts"] == ["model_a", "model_b"]

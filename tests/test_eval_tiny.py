@@ -127,6 +127,8 @@ def test_a_local_judge_from_a_run_or_the_bare_base_works_offline_and_shows_its_b
     assert all(j.judge == "tiny-a" and j.verdict in ("A", "B", "tie") for j in stored.values())
     report = json.loads(out.with_name("battles.report.json").read_text())
     assert report["local_judge"] is True and report["battles"] == 6
+    marked = storage.list_battles(out.with_suffix(".sqlite"), source="judge")  # the Leaderboard tab's warning reads it
+    assert len(marked) == 6 and all(b["local_judge"] is True for b in marked)
     printed = capsys.readouterr().out
     bias = re.search(r"a small local model is a weak judge.*the answer shown first won (\d+)% of its 12 single "
                      r"judgments", printed)
@@ -143,6 +145,7 @@ def test_a_local_judge_from_a_run_or_the_bare_base_works_offline_and_shows_its_b
     assert len(records) == 6 and all(r["judge"] == tiny_base.name and 1 <= r["grade"] <= 10 for r in records)
     printed = capsys.readouterr().out
     assert "a small local model is a weak judge" in printed and "distinct grades" in printed
+    assert all(g.extra["local_judge"] is True for g in storage.get_grades(grades.with_suffix(".sqlite")).values())
 
 
 def test_engine_client_fails_one_request_for_a_long_prompt_and_stops_for_an_unknown_model(tiny_runs):
