@@ -10,6 +10,13 @@ after turn. Judge verdicts carry no such mark and always count. A category filte
 battles on questions of one category (`eval elo --by-category`; arena votes have none).
 "Style control" rates with the answers' length and markdown as covariates (`eval elo --style-control`)
 and shows the fitted style coefficients; battles that do not carry their answers' style make it say so.
+Judge results beyond the ratings, as `chatbuild eval judge` reports them (the numbers come from the
+same `chatbuild.ratings` functions): when a judge's battles are baseline-mode (`--mode baseline`
+marks them; `ratings.baseline_of`) each model's "Win rate vs BASELINE" with a 95% bootstrap interval;
+"Single-answer grades" (`--mode single`, the `grades` table) each model's mean grade with its interval,
+graded and invalid counts, the latest grade per judge, model and question; and next to a small local
+judge's results (marked `local_judge`) the warning the command line prints, with its position bias
+(`agreement.weak_judge_warning`). Both follow the category filter and need "judge" among the sources.
 Below, "Judge–human agreement" compares judge verdicts with arena votes on the same questions and
 models (`chatbuild eval agreement`, over every stored battle): agreement, Cohen's κ, and the
 position and length bias of the humans and of each judge.
@@ -17,6 +24,7 @@ Recomputed when the tab is opened and on Refresh. API name: `/leaderboard`.
 """
 
 import io
+from collections import Counter, defaultdict
 
 import gradio as gr
 
@@ -29,6 +37,7 @@ METHOD = "bt"  # a `chatbuild.ratings.METHODS` entry: order-free, with bootstrap
 BOOTSTRAP_ROUNDS = ratings.METHODS[METHOD].bootstrap_rounds
 FEW_BATTLES = 20  # below this many battles a model's rating is flagged as not yet trustworthy
 ALL_CATEGORIES = "All categories"
+JUDGE_ROUNDS = 1000  # bootstrap rounds for win rates and mean grades: `eval judge`'s, so the numbers match its report
 
 
 def build_leaderboard_tab(ctx: UIContext, tab: gr.Tab) -> None:
@@ -49,26 +58,33 @@ def build_leaderboard_tab(ctx: UIContext, tab: gr.Tab) -> None:
     table = gr.Dataframe(headers=COLUMNS, datatype=["number", "str", "number", "str", "number"],
                          interactive=False, elem_id="leaderboard-table")
     style = gr.Markdown(elem_id="leaderboard-style")
+    judges = gr.Markdown(elem_id="leaderboard-judges")
     with gr.Row():
         # The figures carry their own titles: a component label would cover the top of the picture.
         interval_plot = gr.Image(label="Ratings with 95% intervals", show_label=False, type="pil",
                                  interactive=False, buttons=["download"], elem_id="leaderboard-intervals")
         heat_map = gr.Image(label="Win-rate heat map", show_label=False, type="pil", interactive=False,
                             buttons=["download"], elem_id="leaderboard-heatmap")
+    grades = gr.Markdown(elem_id="leaderboard-grades")
     with gr.Accordion("Judge–human agreement", open=False):
         agreement_panel = gr.Markdown(elem_id="leaderboard-agreement")
 
     def compute(sources, anonymous_only, style_control=False, category=ALL_CATEGORIES):
         battles = storage.list_battles(ctx.db_path, source=sources, named=not anonymous_only) if sources else []
-        found = categories(battles)
+        graded = latest_grades(storage.get_grades(ctx.db_path).values()) if "judge" in (sources or []) else []
+        found = sorted(set(categories(battles)) | {g.extra["category"] for g in graded
+                                                   if isinstance(g.extra.get("category"), str) and g.extra["category"]})
         chosen = category if category in found else ALL_CATEGORIES
-        shown = battles if chosen == ALL_CATEGORIES else [b for b in battles if b.get("category") == chosen]
-        summary_text, rows, intervals, heat, style_text = render(shown, sources, anonymous_only, style_control, chosen)
+        if chosen != ALL_CATEGORIES:
+            battles = [b for b in battles if b.get("category") == chosen]
+            graded = [g for g in graded if g.extra.get("category") == chosen]
+        summary_text, rows, intervals, heat, style_text = render(battles, sources, anonymous_only, style_control, chosen)
         return (summary_text, rows, intervals, heat, style_text,
                 gr.Dropdown(choices=[ALL_CATEGORIES, *found], value=chosen),
-                agreement_markdown(storage.list_battles(ctx.db_path)))
+                agreement_markdown(storage.list_battles(ctx.db_path)),
+                judges_markdown(battles), grades_markdown(graded, sources, chosen))
 
-    outputs = [summary, table, interval_plot, heat_map, style, category, agreement_panel]
+    outputs = [summary, table, interval_plot, heat_map, style, category, agreement_panel, judges, grades]
     gr.on([refresh.click, tab.select, sources.change, anonymous_only.change, style_control.change, category.input],
           compute, [sources, anonymous_only, style_control, category], outputs, api_name="leaderboard",
           concurrency_limit=2, concurrency_id="leaderboard")
@@ -129,6 +145,68 @@ def style_markdown(coefficients) -> str:
         else:
             interval = "–" if c.ci_low is None else f"{c.ci_low:.2f} – {c.ci_high:.2f}"
             lines.append(f"| {c.feature} | {c.value:.2f} | {interval} | {c.elo:+.0f} |")
+    return "\n".join(lines)
+
+
+def judges_markdown(battles: list[dict]) -> str:
+    """Per judge among these battles: its win rates against the baseline when its battles are
+    baseline-mode, and a small local judge's warning with its position bias ("" when neither)."""
+    by_judge = defaultdict(list)
+    for b in battles:
+        if b.get("source") == "judge":
+            by_judge[str(b.get("judge") or "judge")].append(b)
+    parts = []
+    for judge, js in sorted(by_judge.items()):
+        baseline = ratings.baseline_of(js)
+        if baseline is not None:
+            rates = ratings.baseline_win_rates(js, baseline, rounds=JUDGE_ROUNDS)
+            lines = [f"**Win rate vs {baseline}** (judge {judge}; ties count half; 95% bootstrap interval over "
+                     f"battles, {JUDGE_ROUNDS} resamples)", "",
+                     "| Model | Win rate | 95% interval | Battles |", "|---|---:|---:|---:|"]
+            for model, r in sorted(rates.items(), key=lambda kv: -kv[1].mean):
+                lines.append(f"| {model} | {r.mean:.1%} | {r.low:.1%} – {r.high:.1%} | {r.n} |")
+            parts.append("\n".join(lines))
+        if any(b.get("local_judge") for b in js):
+            parts.append("⚠️ " + agreement.weak_judge_warning(judge, js))
+    return "\n\n".join(parts)
+
+
+def latest_grades(grades) -> list[storage.Grade]:
+    """The latest stored grade per judge, model and question (a changed answer or prompt makes a new
+    request; its grade replaces the older one here, as a rerun's report would count it)."""
+    latest = {}
+    for g in sorted(grades, key=lambda g: g.tstamp):
+        latest[(g.judge, g.model, g.question_id)] = g
+    return list(latest.values())
+
+
+def grades_markdown(grades: list, sources, category: str = ALL_CATEGORIES) -> str:
+    """The single-answer grades panel: per judge, each model's mean grade with its interval, graded
+    and invalid counts (`eval judge --mode single`'s report), and a local judge's warning."""
+    where = "" if category == ALL_CATEGORIES else f" in category {category}"
+    if "judge" not in (sources or []):
+        return "**Single-answer grades**: tick *judge* in Battles from to see them."
+    if not grades:
+        return f"**Single-answer grades**: none stored{where} (`chatbuild eval judge --mode single`)."
+    by_judge = defaultdict(list)
+    for g in grades:
+        by_judge[g.judge].append(g)
+    lines = [f"**Single-answer grades** (1–10{where}; `eval judge --mode single`): each model's mean grade with a "
+             f"95% bootstrap interval over its graded answers ({JUDGE_ROUNDS} resamples); replies without a valid "
+             "grade are counted as invalid and left out.", "",
+             "| Judge | Model | Mean grade | 95% interval | Graded | Invalid |", "|---|---|---:|---:|---:|---:|"]
+    warnings = []
+    for judge, gs in sorted(by_judge.items()):
+        stats = ratings.mean_grades([{"model": g.model, "grade": g.grade} for g in gs], rounds=JUDGE_ROUNDS)
+        for model, m in sorted(stats.items(), key=lambda kv: -(kv[1].mean or 0)):
+            mean, ci = ("–", "–") if m.mean is None else (f"{m.mean:.2f}", f"{m.low:.2f} – {m.high:.2f}")
+            lines.append(f"| {judge} | {model} | {mean} | {ci} | {m.n} | {m.invalid} |")
+        if any(g.extra.get("local_judge") for g in gs):
+            counts = Counter(str(g.grade) for g in gs if g.grade is not None)
+            warnings.append("⚠️ " + agreement.weak_judge_warning(judge, grade_counts={str(n): counts[str(n)]
+                                                                                       for n in range(1, 11)}))
+    if warnings:
+        lines += ["", *warnings]
     return "\n".join(lines)
 
 
