@@ -10,7 +10,7 @@ one line and exits with status 2 (peaks of PyTorch's CUDA allocator are what is 
 Each shape is built directly in 4-bit with random weights (`chatbuild.shapes.build_random_4bit`: the
 layers created on the meta device and their weights quantized one at a time, never held in 16 bits), LoRA attached with `attach_lora`
 (r=64 on all linear layers, gradient checkpointing), paged AdamW 32-bit, micro-batch 1. Per sequence
-length and variant, three full steps run (`pipelines.finetune.accumulate_gradients`, clipping,
+length and variant, three full steps run (`pipelines.objectives.accumulate_gradients`, clipping,
 optimizer step) after the peak counters are reset:
 - plain: the model computes its loss (`model(..., labels=...)`), as the anchors do;
 - chunked: `train.chunked_loss` (chatbuild.losses), no full fp32 logits.
@@ -53,7 +53,7 @@ def parse_args(argv=None):
 def measure(model, trainable, optimizer, seq: int, vocab: int, chunked: bool, steps: int) -> dict:
     import torch
 
-    from pipelines.finetune import accumulate_gradients, count_targets
+    from pipelines.objectives import accumulate_gradients, count_targets
 
     gc.collect()
     torch.cuda.empty_cache()

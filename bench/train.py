@@ -15,7 +15,7 @@ variants (never both in memory), so the peaks are comparable with the plain HF s
 - baseline: the plain HF stack configured like the official QLoRA recipe: peft's `prepare_model_for_kbit_training` +
   `get_peft_model` (LoRA on all linear layers), paged AdamW 32-bit, `model(**batch).loss` on a
   right-padded batch of the step's sequences, no gradient accumulation, no clipping;
-- chatbuild's variants run the real step functions of pipelines/finetune.py (`accumulate_gradients`,
+- chatbuild's variants run the real step functions of pipelines/objectives.py (`accumulate_gradients`,
   `count_targets`, `build_optimizer`, the collators of chatbuild.data.batching, `attach_lora`), with
   the recipe's gradient clipping: `plain` (length-grouped padding, the default), `chunked` (the
   `train.chunked_loss` setting), `packed` (`data.batching=packed`), `packed+chunked`.
@@ -143,7 +143,8 @@ def run_variant(name: str, model, steps: list[list], args) -> dict:
     import torch
 
     from chatbuild.data.batching import PackedCollator, PaddedCollator
-    from pipelines.finetune import accumulate_gradients, build_optimizer, count_targets
+    from pipelines.finetune import build_optimizer
+    from pipelines.objectives import accumulate_gradients, count_targets
 
     cuda = args.device.startswith("cuda")
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -82,6 +82,22 @@ class TrainSettings:
     # (chatbuild.losses), never holding the full fp32 logits; the same loss, less memory. Llama-family
     # bases only.
     chunked_loss: bool = False
+    # What a step optimizes (OBJECTIVES): supervised fine-tuning on conversations, or preference tuning
+    # on (prompt, chosen, rejected) pairs. pipelines/objectives.py holds what each one computes.
+    objective: str = "sft"
+    beta: float = 0.1  # DPO's β (strength of the pull towards the reference) / ORPO's λ (odds-ratio weight)
+    label_smoothing: float = 0.0  # DPO only: conservative DPO's ε, the assumed rate of flipped preferences
+    init_adapter: str | None = None  # a finished run folder whose adapter (and LoRA settings) training starts from
+
+
+# The training objectives, name -> what it trains on: the one list the config check, the CLI help and
+# the Build tab use (pipelines/objectives.py maps each name to its implementation).
+OBJECTIVES = {
+    "sft": "supervised fine-tuning: next-token loss on the assistant turns of conversations",
+    "dpo": "Direct Preference Optimization on chosen/rejected pairs, against a frozen reference",
+    "orpo": "Odds Ratio Preference Optimization on chosen/rejected pairs: SFT loss + odds-ratio term, no reference",
+}
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 
 
 @dataclass
@@ -106,6 +122,7 @@ CHOICES = {
     "data.mode": ("top1", "all"),
     "data.batching": ("grouped", "packed"),
     "train.schedule": ("constant", "linear", "cosine"),
+    "train.objective": tuple(OBJECTIVES),
 }
 POSITIVE = ("lora.r", "lora.alpha", "data.max_length", "train.steps", "train.batch_size", "train.micro_batch_size", "train.lr")
 
@@ -128,10 +145,30 @@ def check(cfg: RunConfig) -> RunConfig:
     if cfg.train.batch_size % cfg.train.micro_batch_size:
         raise ConfigError("train.batch_size", f"must be a multiple of train.micro_batch_size "
                                               f"({cfg.train.micro_batch_size}), got {cfg.train.batch_size}")
+    check_objective(cfg)
     if cfg.model.double_quant and cfg.model.quant not in ("nf4", "fp4"):
         # Double quantization is a 4-bit feature; with int8/none it is simply not applied.
         cfg.model.double_quant = False
     return cfg
+
+
+def check_objective(cfg: RunConfig) -> None:
+    """The objective's own settings (train.init_adapter, which needs the resolved base, is checked by
+    the recipe: pipelines/objectives.py `resolve_init_adapter`)."""
+    t = cfg.train
+    if not t.beta > 0:
+        raise ConfigError("train.beta", f"must be > 0, got {t.beta}")
+    if not 0 <= t.label_smoothing < 0.5:
+        # ε = 0.5 makes the loss symmetric in chosen and rejected: nothing left to learn.
+        raise ConfigError("train.label_smoothing", f"must be in [0, 0.5), got {t.label_smoothing}")
+    if t.label_smoothing and t.objective != "dpo":
+        raise ConfigError("train.label_smoothing", f"is a DPO setting; train.objective is {t.objective}")
+    if t.objective in PREFERENCE_OBJECTIVES:
+        if cfg.data.batching != "grouped":
+            raise ConfigError("data.batching", f'{t.objective} runs chosen and rejected as one padded batch; '
+                                               f'use "grouped", got "{cfg.data.batching}"')
+        if t.chunked_loss:
+            raise ConfigError("train.chunked_loss", f"is an SFT setting; train.objective is {t.objective}")
 
 
 def _get(d: dict, dotted: str):

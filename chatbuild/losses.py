@@ -104,3 +104,64 @@ def decoder_and_head(model):
     if hasattr(head, "modules_to_save") and not head.disable_adapters and head.active_adapters:
         head = head.modules_to_save[head.active_adapters[0]]
     return base.get_decoder(), head.weight
+
+
+# ── preference objectives ───────────────────────────────────────────────────────────────────────
+# Pure tensor functions over per-sequence log-probabilities; pipelines/objectives.py runs the model.
+# Every function returns per-pair tensors, so the caller decides how pairs are averaged across
+# micro-batches and processes (the recipe: the mean over an optimizer step's pairs).
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each sequence's labels, and how many labels it has.
+
+    logits: (batch, seq, vocab), any dtype (upcast to fp32 here); labels: (batch, seq) int64, *unshifted*
+    as for the causal-LM loss (position t predicts label t+1), -100 where nothing is learned. Returns
+    (logps, counts), each (batch,) fp32: sum over target tokens of log p(label), and the number of
+    target tokens (0 gives logps 0)."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logits = logits[:, :-1].float()
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_logps = picked - torch.logsumexp(logits, dim=-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1).float()
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0):
+    """Direct Preference Optimization (Rafailov et al. 2023, eq. 7), sigmoid form, per pair.
+
+    Inputs: (pairs,) summed log-probs of the chosen and rejected replies under the policy and the
+    reference. With Δ = (logπ_c − logπref_c) − (logπ_r − logπref_r):
+
+        loss = −(1−ε)·logσ(βΔ) − ε·logσ(−βΔ)
+
+    ε = label_smoothing > 0 is conservative DPO (Mitchell 2023, "cDPO"): the labels are taken to be
+    flipped with probability ε. Returns (losses, chosen_rewards, rejected_rewards), each (pairs,); the
+    implicit rewards β(logπ − logπref) are detached (metrics, not part of the graph)."""
+    chosen_ratio = chosen_logps - ref_chosen_logps
+    rejected_ratio = rejected_logps - ref_rejected_logps
+    logits = beta * (chosen_ratio - rejected_ratio)
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def orpo_loss(chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tensor, beta: float):
+    """Odds Ratio Preference Optimization (Hong et al. 2024, eqs. 6–8), per pair, no reference model.
+
+    Inputs: (pairs,) *mean per-token* log-probs of the chosen and rejected replies (log p of a reply is
+    its length-normalized likelihood). With log odds(p) = log p − log(1 − p):
+
+        loss = −log p_c  (the NLL of the chosen reply, per token)  +  β·(−logσ(log odds_c − log odds_r))
+
+    β is the paper's λ. Returns (losses, chosen_rewards, rejected_rewards, nll), each (pairs,): the
+    rewards β·log p per side and the NLL term are detached metrics."""
+    log_odds = (chosen_mean_logps - rejected_mean_logps) - (_log1m_exp(chosen_mean_logps) - _log1m_exp(rejected_mean_logps))
+    nll = -chosen_mean_logps
+    losses = nll - beta * F.logsigmoid(log_odds)
+    return losses, beta * chosen_mean_logps.detach(), beta * rejected_mean_logps.detach(), nll.detach()
+
+
+def _log1m_exp(logp: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(logp)) for logp < 0, as log(−expm1(logp)): accurate when p is close to 1, where
+    log1p(−exp(logp)) would round exp(logp) to 1 first."""
+    return torch.log(-torch.expm1(logp))

@@ -180,6 +180,30 @@ def attach_lora(model, r: int, alpha: int, dropout: float, targets="all-linear",
     return get_peft_model(model, config)
 
 
+def start_from_adapter(model, adapter_dir: str | Path, keep_reference: bool = False) -> None:
+    """Load a finished run's adapter into `model` (a PeftModel from `attach_lora` with the same LoRA
+    settings) as the trainable "default" adapter's starting weights.
+
+    keep_reference: also load it, frozen, as a second adapter named "reference" (DPO's reference policy
+    without a second copy of the base: the reference forward switches to it with `set_adapter`). Only
+    "default" is ever saved (`chatbuild.runs` saves the active adapter)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    result = set_peft_model_state_dict(model, load_file(adapter_dir / "adapter_model.safetensors", device=str(device)))
+    if getattr(result, "unexpected_keys", None):
+        raise UserError(f"{adapter_dir}: the adapter does not fit this model (unexpected weights "
+                        f"{', '.join(result.unexpected_keys[:3])})")
+    if keep_reference:
+        model.load_adapter(str(adapter_dir), adapter_name="reference", is_trainable=False)
+        model.set_adapter("default")
+        for name, p in model.named_parameters():
+            if ".reference." in name:
+                p.requires_grad_(False)
+
+
 def keep_4bit_layers_trainable(model) -> None:
     """Stop bitsandbytes repacking the 4-bit weights for its CPU inference kernel during training.
 

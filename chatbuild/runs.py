@@ -10,7 +10,8 @@ the job manager read it back through it; no other module knows the file names be
     metrics.jsonl        one JSON object per logged step: {"step": N, ...}; training rows carry the
                          objective's metrics ("loss", "lr", "tokens_per_s", "memory_gb", ...), evaluation
                          rows the same names prefixed "eval_" ("eval_loss")
-    loss.png             training and validation loss curves
+    loss.png             training and validation loss curves (and, for preference objectives, reward
+                         accuracy and margin)
     checkpoints/         resumable states: step-N/ with adapter, optimizer, scheduler, RNG
     README.md            model card: base, objective, data, hyperparameters, final metrics
 
@@ -163,9 +164,15 @@ def start_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
 def save_final(run_dir: Path, model, tokenizer, chat_format: ChatFormat) -> None:
     """The trained adapter, the tokenizer and, last, chat_format.json: the file that makes the folder
     a finished run (`is_run`), so a kill while saving leaves an unfinished one."""
-    model.save_pretrained(run_dir / "adapter", safe_serialization=True)
+    save_adapter(model, run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "tokenizer")
     chat_format.save(run_dir / "chat_format.json")
+
+
+def save_adapter(model, folder: Path) -> None:
+    """The trained adapter only, in PEFT's format: a model may also hold a frozen one (DPO's
+    "reference", pipelines/objectives.py), which is not part of the result."""
+    model.save_pretrained(folder, safe_serialization=True, selected_adapters=[model.active_adapter])
 
 
 # ── checkpoints ─────────────────────────────────────────────────────────────────────────────────
@@ -192,7 +199,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep:
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter", safe_serialization=True)
+    save_adapter(model, tmp / "adapter")
     # Tensors and plain Python values only, so that resuming can load them with weights_only=True.
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -314,15 +321,21 @@ def rewind_metrics(run_dir: Path, step: int) -> list[dict]:
 
 # ── loss plot and model card ────────────────────────────────────────────────────────────────────
 def plot_loss(run_dir: Path, history: list[dict], train: str = "loss", ylabel: str = "loss (per target token)") -> None:
-    """loss.png: the training metric `train` and its evaluation (`eval_<train>`) over steps."""
+    """loss.png: the training metric `train` and its evaluation (`eval_<train>`) over steps; when the
+    rows carry preference metrics (`reward_accuracy`, `reward_margin`, train or eval_), a second panel
+    shows them: accuracy on the left axis, margin on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(r["step"], r[train]) for r in history if train in r]
-    val = [(r["step"], r[f"eval_{train}"]) for r in history if f"eval_{train}" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    def series(name):
+        return [(r["step"], r[name]) for r in history if name in r]
+
+    points, val = series(train), series(f"eval_{train}")
+    rewards = any(series(n) for n in ("reward_accuracy", "eval_reward_accuracy"))
+    fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(11 if rewards else 6, 3.5), dpi=100, squeeze=False)
+    ax = axes[0][0]
     if points:
         ax.plot(*zip(*points), label=f"train {train}")
     if val:
@@ -331,6 +344,22 @@ def plot_loss(run_dir: Path, history: list[dict], train: str = "loss", ylabel: s
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
+    if rewards:
+        acc, margin = axes[0][1], axes[0][1].twinx()
+        for name, style in (("reward_accuracy", {}), ("eval_reward_accuracy", {"marker": "o"})):
+            if series(name):
+                acc.plot(*zip(*series(name)), label=name.replace("eval_", "validation ").replace("_", " "), **style)
+        for name, style in (("reward_margin", {}), ("eval_reward_margin", {"marker": "o"})):
+            if series(name):
+                margin.plot(*zip(*series(name)), linestyle="--", label=name.replace("eval_", "validation ").replace("_", " "),
+                            color="tab:red" if name.startswith("eval") else "tab:purple", **style)
+        acc.set_ylim(-0.02, 1.02)
+        acc.set_xlabel("step")
+        acc.set_ylabel("reward accuracy (chosen > rejected)")
+        margin.set_ylabel("reward margin (chosen − rejected)")
+        acc.grid(alpha=0.3)
+        lines = acc.get_legend_handles_labels(), margin.get_legend_handles_labels()
+        acc.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize="small")
     fig.tight_layout()
     path = Path(run_dir) / "loss.png"
     tmp = path.with_name(".loss.tmp.png")

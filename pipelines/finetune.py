@@ -1,7 +1,10 @@
 """The QLoRA fine-tune recipe: one program, read top to bottom.
 
-    resolve config → load conversations → render and mask → load 4-bit base → attach LoRA
+    resolve config → load data → render and mask → load 4-bit base → attach LoRA
     → train (eval, log, checkpoint) → save the run folder
+
+The objective (`train.objective`: sft, dpo, orpo) decides what the data is and what a step computes
+(pipelines/objectives.py); this loop is the same for all of them.
 
 Launch:
 
@@ -9,6 +12,8 @@ Launch:
     chatbuild finetune guanaco-7b model.base=huggyllama/llama-7b # the paper's Guanaco 7B recipe
     chatbuild finetune my.yaml train.lr=1e-4 lora.r=16           # a preset file plus dotted overrides
     chatbuild finetune tiny-cpu --resume                         # continue from the last checkpoint
+    chatbuild finetune tiny-cpu-dpo                              # DPO on preference pairs (tiny base, CPU)
+    chatbuild finetune guanaco-7b-dpo train.init_adapter=runs/guanaco-7b   # DPO from an SFT run
     python -m pipelines.finetune tiny-cpu                        # the same, without the console script
     torchrun --nproc_per_node 2 -m pipelines.finetune tiny-cpu   # data parallel, one process per device
 
@@ -37,8 +42,9 @@ from pathlib import Path
 
 from chatbuild import presets, runs
 from chatbuild.bases import resolve_base
-from chatbuild.config import RunConfig, load_config
+from chatbuild.config import OBJECTIVES, RunConfig, load_config
 from chatbuild.errors import UserError
+from pipelines.objectives import make_objective, resolve_init_adapter
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "chatbuild" / "data" / "sample" / "oasst1_sample.jsonl"
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
@@ -83,14 +89,13 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
     """Run the whole recipe; returns the run folder."""
     import torch
 
-    from chatbuild import data as cb_data
-    from chatbuild.data.batching import PackedCollator, PaddedCollator, tokenize_conversations
     from chatbuild.modeling import (
         attach_lora,
         check_causal_lm,
         default_device,
         load_base_model,
         load_tokenizer,
+        start_from_adapter,
         vocab_mismatch,
     )
     from chatbuild.templates import make_format, saved_chat_template
@@ -109,6 +114,7 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
     # ── output folder (checked before anything heavy) ──
     cfg.model.base = resolve_base(cfg.model.base)
     check_causal_lm(cfg.model.base, cfg.model.revision, cfg.model.trust_remote_code)  # reads config.json only
+    init_run = resolve_init_adapter(cfg)  # before the folder check: it sets the LoRA settings
     resume_from = runs.prepare_run_dir(cfg, resume, overwrite)
     run_dir = cfg.run_dir
     if world > 1:  # every process has checked the folder before the first one writes to it
@@ -119,35 +125,14 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
         torch.distributed.barrier()
     seed_everything(cfg.train.seed)
 
-    # ── load conversations ──
-    convs, report = cb_data.load_conversations(
-        cfg.data.train, format=cfg.data.format, mode=cfg.data.mode, lang=cfg.data.lang,
-        include_synthetic=cfg.data.include_synthetic, skip_invalid=cfg.data.skip_invalid)
-    say(f"data: {cfg.data.train}: {report.summary() if hasattr(report, 'summary') else report}")
-    if cfg.data.validation:
-        train_convs = convs
-        val_convs, _ = cb_data.load_conversations(cfg.data.validation, format=cfg.data.format, mode=cfg.data.mode,
-                                                  lang=cfg.data.lang, include_synthetic=cfg.data.include_synthetic,
-                                                  skip_invalid=cfg.data.skip_invalid)
-    else:
-        train_convs, val_convs = cb_data.split_conversations(convs, cfg.data.val_fraction, cfg.train.seed)
-    if not train_convs:
-        raise UserError(f"{cfg.data.train}: no training conversations left after filtering ({report})")
-
-    # ── render and mask ──
+    # ── load data, render and mask (the objective's: conversations or preference pairs) ──
+    objective = make_objective(cfg)  # the registry: pipelines.objectives.OBJECTIVES
     tokenizer = load_tokenizer(cfg.model.base, cfg.model.revision, cfg.model.trust_remote_code)
     fmt = make_format(cfg.data.chat_format, cfg.data.system_prompt, tokenizer)  # the registry: templates.FORMATS
     # The saved tokenizer renders what we trained on.
     if (template := saved_chat_template(fmt, tokenizer)) is not None:
         tokenizer.chat_template = template
-    train_set = tokenize_conversations(train_convs, fmt, tokenizer, cfg.data.max_length, cfg.data.train_on_prompts)
-    val_set = tokenize_conversations(val_convs, fmt, tokenizer, cfg.data.max_length, cfg.data.train_on_prompts)
-    train_set = [e for e in train_set if any(label != -100 for label in e.labels[1:])]
-    if not train_set:
-        raise UserError("no training example has a token to learn (every reply was cut by data.max_length?)")
-    say(f"data: {len(train_set)} training / {len(val_set)} validation conversations, "
-        f"{sum(len(e) for e in train_set):,} training tokens, chat format {fmt.name}")
-    collate = PackedCollator() if cfg.data.batching == "packed" else PaddedCollator(tokenizer.pad_token_id)
+    objective.load(fmt, tokenizer, say)
 
     # ── load the 4-bit base and attach LoRA ──
     device = default_device()
@@ -166,6 +151,9 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
         modules_to_save = ["embed_tokens", "lm_head"]
     model = attach_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
                         cfg.model.gradient_checkpointing, modules_to_save)
+    if init_run is not None:  # start from a finished run's adapter (DPO keeps a frozen copy as its reference)
+        start_from_adapter(model, init_run.adapter_dir, keep_reference=cfg.train.objective == "dpo")
+    objective.prepare(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.train.chunked_loss:
         from chatbuild.losses import decoder_and_head
@@ -184,11 +172,11 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
         say(f"resume: continuing from {resume_from} (step {start_step})")
 
     # ── train ──
-    lengths = [len(e) for e in train_set]
+    lengths = [len(e) for e in objective.train]
     per_step = micro * accum * world
     history = runs.rewind_metrics(run_dir, start_step) if main_process else []  # only the main process logs
-    if val_set and start_step == 0:  # the starting point, so the curve shows what training changed
-        row = {"step": 0, "eval_loss": round(evaluate(model, val_set, collate, micro, device, cfg.train.eval_batches), 5)}
+    if objective.val and start_step == 0:  # the starting point, so the curve shows what training changed
+        row = {"step": 0, **objective.evaluate(model, device)}
         history.append(row)
         if main_process:
             runs.append_metrics(run_dir, row)
@@ -201,15 +189,11 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
             # The batch order for an epoch depends only on the seed and the epoch, so a resumed run sees
             # exactly the micro-batches an uninterrupted one would.
             micro_batches = micro_batches_for_step(step, per_step, micro, lengths, cfg.train.seed, cfg.data.batching)
-            mine = micro_batches[rank::world]
-            batches = [collate([train_set[i] for i in idx]) for idx in mine]
-            n_items = torch.tensor(float(sum(count_targets(b["labels"]) for b in batches)))
-            if world > 1:
-                torch.distributed.all_reduce(n_items)
-            step_loss, tokens = accumulate_gradients(model, batches, n_items, device, cfg.train.chunked_loss)
+            # The objective runs forward and backward over this process's micro-batches; its loss and
+            # metrics come back the same on every process.
+            step_loss, step_metrics, tokens = objective.step(model, micro_batches[rank::world], device, world)
             tokens_since += tokens
             if world > 1:
-                torch.distributed.all_reduce(step_loss)
                 for p in trainable:
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
@@ -224,7 +208,7 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
 
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 elapsed = time.perf_counter() - t_last
-                row = {"step": done, "loss": round(step_loss.item(), 5), "lr": scheduler.get_last_lr()[0],
+                row = {"step": done, "loss": round(step_loss.item(), 5), **step_metrics, "lr": scheduler.get_last_lr()[0],
                        "grad_norm": round(float(grad_norm), 5), "tokens_per_s": round(tokens_since * world / elapsed, 1),
                        "memory_gb": round(memory_gb(device), 3), "time": round(time.time(), 1)}
                 t_last, tokens_since = time.perf_counter(), 0
@@ -232,8 +216,8 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
                 if main_process:
                     runs.append_metrics(run_dir, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['memory_gb']:.2f}GB")
-            if val_set and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
-                row = {"step": done, "eval_loss": round(evaluate(model, val_set, collate, micro, device, cfg.train.eval_batches), 5)}
+            if objective.val and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
+                row = {"step": done, **objective.evaluate(model, device)}
                 history.append(row)
                 if main_process:
                     runs.append_metrics(run_dir, row)
@@ -257,12 +241,7 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
 
     # ── save the run folder ──
     if main_process:
-        runs.write_model_card(
-            run_dir, cfg, history, objective="QLoRA recipe", report=str(report),
-            data=[f"{len(train_set)} training and {len(val_set)} validation conversations; max length "
-                  f"{cfg.data.max_length} tokens; "
-                  f"{'whole-text loss' if cfg.data.train_on_prompts else 'loss on assistant turns only'}"],
-            metrics=[("loss", "training loss")])
+        runs.write_model_card(run_dir, cfg, history, report=objective.report, **objective.card())
         runs.save_final(run_dir, model, tokenizer, fmt)  # chat_format.json last: from here on the run is finished
         say(f"done: run folder {run_dir}")
     if world > 1:
@@ -350,44 +329,6 @@ def _epoch_order(epoch: int, lengths: list[int], seed: int, batching: str, micro
     return _ORDER_CACHE[key]
 
 
-def count_targets(labels) -> int:
-    """Tokens that contribute to the loss: labels after the causal shift that are not -100."""
-    return int((labels[..., 1:] != -100).sum())
-
-
-def forward_loss(model, batch: dict, num_items_in_batch, chunked_loss: bool = False):
-    """One micro-batch's loss: its summed token cross-entropy / `num_items_in_batch` (the target tokens
-    of the whole optimizer step), so the micro-batches' losses add up to the step's token-weighted mean.
-
-    chunked_loss: the decoder body runs alone and `chatbuild.losses` computes the head and the loss in
-    chunks, never holding the full fp32 logits; the same number as the plain forward."""
-    if not chunked_loss:
-        return model(**batch, use_cache=False, num_items_in_batch=num_items_in_batch).loss
-    from chatbuild.losses import chunked_causal_lm_loss, decoder_and_head
-
-    body, head_weight = decoder_and_head(model)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = body(**inputs, use_cache=False).last_hidden_state
-    return chunked_causal_lm_loss(hidden, head_weight, batch["labels"], num_items_in_batch)
-
-
-def accumulate_gradients(model, batches: list[dict], n_items, device: str, chunked_loss: bool = False):
-    """Forward and backward over one optimizer step's micro-batches, summing LoRA gradients.
-
-    n_items: target tokens of the whole step (`count_targets`, across processes). Returns the step's
-    loss (a CPU fp32 scalar tensor) and the real (non-padding) tokens it computed."""
-    import torch
-
-    step_loss, tokens = torch.zeros(()), 0
-    for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
-        loss = forward_loss(model, b, n_items.to(device), chunked_loss)
-        loss.backward()
-        step_loss += loss.detach().float().cpu()
-        tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-    return step_loss, tokens
-
-
 def build_optimizer(name: str, params, lr: float, weight_decay: float):
     import torch
 
@@ -423,25 +364,6 @@ def build_scheduler(optimizer, schedule: str, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def evaluate(model, examples, collate, micro: int, device: str, max_batches: int = 0) -> float:
-    """Token-weighted mean loss over the validation examples (dropout off)."""
-    import torch
-
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i, start in enumerate(range(0, len(examples), micro)):
-            if max_batches and i >= max_batches:
-                break
-            b = {k: v.to(device) for k, v in collate(examples[start:start + micro]).items()}
-            n = count_targets(b["labels"])
-            if n:
-                total += model(**b, use_cache=False, num_items_in_batch=torch.tensor(1.0, device=device)).loss.item()
-                count += n
-    model.train()
-    return total / max(count, 1)
-
-
 def memory_gb(device: str) -> float:
     """Peak memory so far: CUDA allocated on GPU, the process's peak resident set on CPU."""
     import torch
@@ -464,7 +386,8 @@ def make_progress(total: int, start: int, enabled: bool):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("preset", nargs="?", help="a YAML preset file or a bundled preset name "
                    f"({', '.join(presets.names())})")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4 lora.r=16")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4 lora.r=16; "
+                   "train.objective picks what is trained: " + "; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()))
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace whatever output_dir holds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")

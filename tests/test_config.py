@@ -72,7 +72,7 @@ def test_bad_preset_files(tmp_path):
 
 def test_bundled_presets_resolve_and_hold_only_differences():
     names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-    assert names == ["guanaco-65b", "guanaco-7b", "smollm2-persona", "tiny-cpu"]
+    assert names == ["guanaco-65b", "guanaco-7b", "guanaco-7b-dpo", "smollm2-persona", "tiny-cpu", "tiny-cpu-dpo"]
     persona = yaml.safe_load((PRESETS / "smollm2-persona.yaml").read_text())  # resolving it would import SmolLM2
     assert persona["model"]["base"] == "smollm2" and persona["data"]["train"] == "sample:persona"
     assert persona["data"]["chat_format"] == "tokenizer"
@@ -82,6 +82,11 @@ def test_bundled_presets_resolve_and_hold_only_differences():
     assert (g7.train.steps, g7.data.max_length, g7.lora.dropout, g7.train.lr) == (1875, 512, 0.1, 2e-4)
     tiny = resolve_config("tiny-cpu", [])
     assert tiny.model.base == "tiny" and tiny.data.train.endswith("oasst1_sample.jsonl")
+    tiny_dpo = resolve_config("tiny-cpu-dpo", [])
+    assert (tiny_dpo.train.objective, tiny_dpo.train.beta, tiny_dpo.train.init_adapter) == ("dpo", 0.1, None)
+    assert tiny_dpo.data.train.endswith("oasst1_sample.jsonl") and tiny_dpo.train.steps <= 60
+    g7_dpo = resolve_config("guanaco-7b-dpo", [])
+    assert (g7_dpo.train.objective, g7_dpo.model.base, g7_dpo.train.init_adapter) == ("dpo", "huggyllama/llama-7b", None)
     for p in PRESETS.glob("*.yaml"):
         raw = yaml.safe_load(p.read_text())
         defaults = RunConfig()

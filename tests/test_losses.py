@@ -95,7 +95,7 @@ def test_lora_gradients_through_the_4bit_model_equal_the_plain_path(batching, ch
     from chatbuild import losses
     from chatbuild.data.batching import PackedCollator, PaddedCollator
     from chatbuild.templates import Encoded
-    from pipelines.finetune import count_targets, forward_loss
+    from pipelines.objectives import count_targets, forward_loss
 
     monkeypatch.setattr(losses, "CHUNK_ROWS", chunk)
     g = torch.Generator().manual_seed(4)

@@ -2,7 +2,7 @@
 defaults (`chatbuild.config`). They ship inside the installed package, so `chatbuild finetune tiny-cpu`
 and the Build tab find them without the source tree.
 
-    names()        ["guanaco-65b", "guanaco-7b", "smollm2-persona", "tiny-cpu"]
+    names()        ["guanaco-65b", "guanaco-7b", "guanaco-7b-dpo", "smollm2-persona", "tiny-cpu", "tiny-cpu-dpo"]
     path(name)     the preset's YAML file; an unknown name is a UserError naming the known ones
     values(name)   the preset over the defaults, as {section: {field: value}} (the run's config.yaml shape)
 """
