@@ -223,7 +223,7 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
                     runs.append_metrics(run_dir, row)
                     bar.write(f"step {done}: validation loss {row['eval_loss']:.4f}")
             if main_process and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
-                runs.plot_loss(run_dir, history)
+                runs.plot_loss(run_dir, history, ylabel=objective.loss_label)
             if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
                 if main_process:
                     runs.save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg.train.keep_checkpoints)

@@ -123,6 +123,7 @@ class SFT:
     """Supervised fine-tuning on conversations: the QLoRA recipe's token-weighted next-token loss."""
 
     name = "sft"
+    loss_label = "loss (per target token)"  # loss.png's axis
 
     def __init__(self, cfg: RunConfig):
         self.cfg, self.train, self.val, self.report = cfg, [], [], ""
@@ -195,6 +196,7 @@ class Preference:
 
     def __init__(self, cfg: RunConfig):
         self.cfg, self.name = cfg, cfg.train.objective
+        self.loss_label = {"dpo": "DPO loss (per pair)", "orpo": "ORPO loss (per pair)"}[self.name]
         self.train, self.val, self.report, self.dropped = [], [], "", 0
         self._reference: dict[str, dict[int, tuple[float, float]]] = {"train": {}, "val": {}}
         self._model_has_reference_adapter = False

@@ -57,6 +57,8 @@ FIELDS = {
     "train.micro_batch_size": "Micro-batch size",
     "train.lr": "Learning rate",
     "data.max_length": "Max length (tokens)",
+    "train.objective": "Objective",
+    "train.beta": "β (DPO/ORPO)",
 }
 
 
@@ -91,6 +93,7 @@ BOUNDS = {
     "train.micro_batch_size": Bound(1, 1024),
     "train.lr": Bound(0, 1, low_open=True),
     "data.max_length": Bound(16, 32_768),
+    "train.beta": Bound(0, 100, low_open=True),
 }
 MAX_TEXT = 512  # characters of any one form value (a base's hub id or folder, a choice)
 # The hub's credentials: the one secret a fine-tune needs (gated bases and datasets); no job gets
@@ -268,23 +271,31 @@ class Builder:
             return HUB_PREFIX + hub_id(choice.value.strip())
         raise UserError(f'data source "{choice.kind}" is not one of sample, file, hub')
 
-    def preview(self, choice: DataChoice) -> tuple[str, list[int]]:
-        """What the data pipeline makes of a choice: (report as Markdown, conversation lengths in
-        words). Bad records are skipped and counted here, so the report shows them. The report and
-        its errors name files by name: never the server's folders."""
-        from chatbuild.data import load_conversations
-        from chatbuild.data.stats import conversation_lengths, describe
+    def preview(self, choice: DataChoice, objective: str = "sft") -> tuple[str, list[int]]:
+        """What the data pipeline makes of a choice for `objective`: (report as Markdown, conversation
+        lengths in words — for preference objectives, the chosen replies' lengths). Bad records are
+        skipped and counted here, so the report shows them. The report and its errors name files by
+        name: never the server's folders."""
+        from chatbuild.config import PREFERENCE_OBJECTIVES
+        from chatbuild.data import load_conversations, load_pairs
+        from chatbuild.data.stats import conversation_lengths, describe, describe_pairs, reply_lengths
 
         source = self.data_source(choice)
         try:
-            convs, report = load_conversations(source, format=choice.format, mode=choice.mode,
-                                               lang=choice.lang or None, skip_invalid=True)
+            if objective in PREFERENCE_OBJECTIVES:  # what the recipe will read: pairs (chatbuild.data.load_pairs)
+                pairs, report = load_pairs(source, format=choice.format, lang=choice.lang or None, skip_invalid=True)
+                chosen, rejected, unit = reply_lengths(pairs)
+                described, lengths = describe_pairs(pairs, chosen, rejected, unit), chosen
+            else:
+                convs, report = load_conversations(source, format=choice.format, mode=choice.mode,
+                                                   lang=choice.lang or None, skip_invalid=True)
+                lengths, unit = conversation_lengths(convs)
+                described = describe(convs, lengths, unit)
         except UserError as e:
             raise UserError(self._without_folders(str(e))) from None
-        lengths, unit = conversation_lengths(convs)
         shown = {"sample": "sample (bundled)", "file": Path(source).name}.get(choice.kind, choice.value.strip())
         lines = [f"source: {shown}"] + [line for line in report.lines() if not line.startswith("source:")]
-        lines += describe(convs, lengths, unit)
+        lines += described
         return "```\n" + self._without_folders("\n".join(lines)) + "\n```", lengths
 
     def _without_folders(self, text: str) -> str:
@@ -312,6 +323,12 @@ class Builder:
             self.data_source(data)
         except UserError as e:
             errors["data"] = str(e)
+        from chatbuild.config import PREFERENCE_OBJECTIVES
+        from chatbuild.data import PAIR_FORMATS
+
+        if values.get("train.objective") in PREFERENCE_OBJECTIVES and data.format not in PAIR_FORMATS:
+            errors.setdefault("data", f'{values["train.objective"]} trains on preference pairs: read the data as '
+                                      f'{", ".join(PAIR_FORMATS)}, not "{data.format}"')
         try:
             preset_path(preset)
         except UserError as e:

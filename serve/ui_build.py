@@ -30,7 +30,8 @@ import html
 import gradio as gr
 import pandas as pd
 
-from chatbuild.data import FORMATS, MODES
+from chatbuild.config import OBJECTIVES
+from chatbuild.data import FORMATS, MODES, PAIR_FORMATS
 from chatbuild.engines import LoadsAdapters
 from chatbuild.errors import UserError
 from serve.builder import FIELDS, Builder, DataChoice, preset_values, presets, progress_of
@@ -59,7 +60,8 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
             hub_id = gr.Textbox(label="Hub dataset id", placeholder="OpenAssistant/oasst1", visible=False,
                                 elem_id="build-hub-id")
             with gr.Accordion("How to read it", open=False):
-                fmt = gr.Dropdown(list(FORMATS), value="auto", label="Format")
+                fmt = gr.Dropdown(list(dict.fromkeys([*FORMATS, *PAIR_FORMATS])), value="auto", label="Format",
+                                  info="DPO and ORPO read preference pairs: OASST1 ranked replies or a pairs file")
                 mode = gr.Radio(list(MODES), value="top1", label="OASST1 threads",
                                 info="top1: the best-ranked reply at each turn (the paper's choice); all: every branch")
                 lang = gr.Textbox(label="Languages", placeholder="all (or e.g. en,de)")
@@ -92,6 +94,12 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
                                                        precision=0)
                 fields["train.micro_batch_size"] = gr.Number(start_values["train.micro_batch_size"],
                                                              label=FIELDS["train.micro_batch_size"], precision=0)
+            with gr.Row():
+                fields["train.objective"] = gr.Radio(list(OBJECTIVES), value=start_values["train.objective"],
+                                                     label=FIELDS["train.objective"], elem_id="build-objective",
+                                                     info=" · ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()))
+                fields["train.beta"] = gr.Number(start_values["train.beta"], label=FIELDS["train.beta"],
+                                                 elem_id="build-beta")
             fields = {key: fields[key] for key in FIELDS}  # inputs and outputs below go in FIELDS' order
             estimate = gr.Markdown(builder.estimate(start_values), elem_id="build-estimate")
         with gr.Column(scale=1, min_width=260):
@@ -157,11 +165,11 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
         kind = SOURCES.get(source, source)  # API callers may give the kind itself
         return DataChoice(kind, data_file if kind == "file" else (hub_id or ""), fmt, mode, lang or "")
 
-    def preview_data(source, data_file, hub_id, fmt, mode, lang, request: gr.Request):
+    def preview_data(source, data_file, hub_id, fmt, mode, lang, objective, request: gr.Request):
         if refusal := builder.refusal(_login(request)):
             return f"⚠️ {refusal}"
         try:
-            text, _ = builder.preview(data_choice(source, data_file, hub_id, fmt, mode, lang))
+            text, _ = builder.preview(data_choice(source, data_file, hub_id, fmt, mode, lang), objective or "sft")
         except UserError as e:
             return f"⚠️ {e}"
         return text
@@ -252,7 +260,8 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
           api_visibility="private", queue=False)
     source.change(pick_source, source, [data_file, upload, hub_id], api_visibility="private", queue=False)
     upload.upload(uploaded, upload, [data_file, report], api_name="build_upload")
-    preview.click(preview_data, [source, data_file, hub_id, fmt, mode, lang], report, api_name="build_preview",
+    preview.click(preview_data, [source, data_file, hub_id, fmt, mode, lang, fields["train.objective"]], report,
+                  api_name="build_preview",
                   concurrency_limit=2, concurrency_id="build_preview")
     preset.change(load_preset, preset, list(fields.values()), api_name="build_preset", queue=False)
     gr.on([f.change for f in fields.values()], estimate_memory, list(fields.values()), estimate,

@@ -142,7 +142,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def dpo_run(pair_loader, tiny_base, pairs_file, tmp_path_factory) -> Path:
+def dpo_run(tiny_base, pairs_file, tmp_path_factory) -> Path:
     return preference_run(tiny_base, tmp_path_factory.mktemp("runs") / "dpo", pairs_file, "dpo", "train.lr=5e-3")
 
 

@@ -3,7 +3,7 @@ form, the memory estimate follows it, data previews, uploads stay in the data fo
 settings are refused per field before any job exists, a fine-tune runs as a separate process and its
 run is then served (and chatted with) without a restart, queued jobs wait, cancel and resume, a
 restarted server serves finished runs again, and "evaluate against" stores judge battles that the
-Leaderboard shows. Jobs run `python -m pipelines.finetune` for real (2 steps each)."""
+Leaderboard shows. Jobs run `python -m chatbuild.cli finetune` for real (2 steps each)."""
 
 import json
 import time
@@ -43,7 +43,8 @@ def form(name, base, steps=2, source="Bundled sample", data_file=None, **changes
     """The Start event's inputs: name, data (source, file, hub id, format, mode, languages), preset, fields."""
     values = {"model.base": base, "model.quant": "nf4", "model.double_quant": True, "lora.r": 8, "lora.alpha": 16,
               "lora.dropout": 0.0, "train.steps": steps, "train.lr": 2e-3, "data.max_length": 128,
-              "train.batch_size": 4, "train.micro_batch_size": 4, **changes}
+              "train.batch_size": 4, "train.micro_batch_size": 4, "train.objective": "sft", "train.beta": 0.1,
+              **changes}
     return [name, source, data_file, "", "auto", "top1", "", "tiny-cpu", *(values[k] for k in FIELDS)]
 
 
@@ -90,6 +91,29 @@ def test_preview_reports_format_counts_and_lengths(build):
     assert "messages deleted" in report and "length per conversation" in report
     assert "kept: 8 conversations" in german
     assert "⚠️" in missing and "no such file in the data folder" in missing
+
+
+def test_preference_objectives_preview_pairs_and_are_checked_against_the_data(build):
+    """Choosing DPO (or ORPO) previews what the recipe will read — preference pairs from the sample's
+    ranked replies — and a format that cannot give pairs is refused on the data field before a job exists;
+    β has bounds; the preset tiny-cpu-dpo fills the objective."""
+    url, _, builder, _ = build
+    with gradio_client(url) as client:
+        report = client.predict("Bundled sample", None, "", "auto", "top1", "", "dpo", api_name="/build_preview")
+        assert "kept: 69 pairs" in report and "chosen reply longer" in report, report
+        assert "conversations" not in report
+        sft = client.predict("Bundled sample", None, "", "auto", "top1", "", "sft", api_name="/build_preview")
+        assert "conversations" in sft and "kept: 69 pairs" not in sft
+        values = dict(zip(FIELDS, client.predict("tiny-cpu-dpo", api_name="/build_preset")))
+        assert values["train.objective"] == "dpo" and values["train.beta"] == 0.1
+        with pytest.raises(ValidationError, match="trains on preference pairs"):
+            client.predict(*form("dpo-chat", "tiny", **{"train.objective": "dpo"})[:4], "chat",
+                           *form("dpo-chat", "tiny", **{"train.objective": "dpo"})[5:], api_name="/build_start")
+        for beta, problem in ((0, "must be > 0, got 0"), (500, r"must be in \(0, 100\], got 500")):
+            with pytest.raises(ValidationError, match=rf"β \(DPO/ORPO\): {problem}"):
+                client.predict(*form("dpo-beta", "tiny", **{"train.objective": "dpo", "train.beta": beta}),
+                               api_name="/build_start")
+    assert not any(j.name in ("dpo-chat", "dpo-beta") for j in builder.jobs.jobs())
 
 
 def test_upload_lands_in_the_data_folder_and_previews(build, tmp_path):

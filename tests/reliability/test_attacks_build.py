@@ -77,7 +77,8 @@ def form(name, **changes):
     """The Start event's inputs: name, data (bundled sample), preset, fields (tiny-cpu's values)."""
     values = {"model.base": "tiny", "model.quant": "nf4", "model.double_quant": True, "lora.r": 8,
               "lora.alpha": 16, "lora.dropout": 0.0, "train.steps": 2, "train.lr": 2e-3, "data.max_length": 128,
-              "train.batch_size": 4, "train.micro_batch_size": 4, **changes}
+              "train.batch_size": 4, "train.micro_batch_size": 4, "train.objective": "sft", "train.beta": 0.1,
+              **changes}
     return [name, "Bundled sample", None, "", "auto", "top1", "", "tiny-cpu", *(values[k] for k in FIELDS)]
 
 
