@@ -132,6 +132,8 @@ def load_base_model(name: str, revision: str | None = None, quant: str = "nf4", 
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False
+    if quant in ("nf4", "fp4"):
+        use_one_4bit_kernel(model)
     return model
 
 
@@ -174,7 +176,7 @@ def attach_lora(model, r: int, alpha: int, dropout: float, targets="all-linear",
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
     if quantized:
-        keep_4bit_layers_trainable(model)
+        use_one_4bit_kernel(model)  # a model loaded elsewhere may have been evaluated already
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                         task_type="CAUSAL_LM", modules_to_save=modules_to_save)
     return get_peft_model(model, config)
@@ -204,15 +206,18 @@ def start_from_adapter(model, adapter_dir: str | Path, keep_reference: bool = Fa
                 p.requires_grad_(False)
 
 
-def keep_4bit_layers_trainable(model) -> None:
-    """Stop bitsandbytes repacking the 4-bit weights for its CPU inference kernel during training.
+def use_one_4bit_kernel(model) -> None:
+    """Stop bitsandbytes switching 4-bit layers to its packed CPU inference kernel.
 
     On CPUs with AVX512-BF16 (bitsandbytes >= 0.48), a 4-bit layer's first forward in eval mode without
-    gradients (the recipe's validation pass) converts its weight, for good, to a packed layout whose
-    kernel has no autograd formula: later training steps then backpropagate through a different kernel
-    than they started with, and torch warns the gradient may be wrong. Measured on such a CPU: the
-    tiny-cpu loss curve moved by 0.02 and resume stopped being exact. Serving keeps the fast kernel;
-    only models being trained opt out, and any weight already packed is unpacked."""
+    gradients converts its weight, for good, to a packed layout served by another kernel, one with no
+    autograd formula. In training, the steps after the recipe's step-0 validation then backpropagated
+    through that kernel (torch warns the gradient may be wrong; measured: the tiny-cpu loss curve moved by
+    0.02 and resume stopped being exact, since a resumed run had not validated first). In serving, the
+    same seeded request sampled alone and in a batch of other rows diverged on such a CPU
+    (tests/test_engine_batching.py), and agree without it. So every 4-bit model chatbuild loads stays on
+    the one kernel (any weight already packed is unpacked); what the packed kernel would save when
+    serving on CPU is for the CPU serving work to measure."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     from bitsandbytes.nn import Linear4bit
 

@@ -114,6 +114,11 @@ def test_100_disconnects_mid_stream_leave_nothing_running(served):
             t.start()
         for t in threads:
             t.join(timeout=120)
+        # A hung-up reply frees its slot when its generation has really stopped (at its next token); the
+        # next wave, exactly the server's capacity (2 + 8), starts once that has happened, or its last
+        # client would get a correct 429 instead of testing a disconnect.
+        wait_until(lambda: state.admission.running == 0 and state.admission.waiting == 0,
+                   "the wave's generations stopped", timeout=30)
     assert len(started) == 100
     idle_after = wait_until(lambda: engine.active == 0 and state.admission.running == 0 and
                             state.admission.waiting == 0 and not state.cancels and not generation_threads(),
