@@ -42,6 +42,8 @@ from serve.uploads import discard, uploaded_file
 SOURCES = {"Bundled sample": "sample", "File in the data folder": "file", "Hub dataset id": "hub"}
 JOB_COLUMNS = ["Job", "Kind", "Name", "Status", "Progress", "Loss", "Note"]
 DEFAULT_PRESET = "tiny-cpu"
+# The objectives in a few words (chatbuild.config.OBJECTIVES has the full lines; docs/ui.md).
+OBJECTIVE_INFO = "sft: conversations · dpo: preference pairs, against a frozen reference · orpo: pairs, no reference"
 
 
 def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]) -> None:
@@ -97,9 +99,9 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
             with gr.Row():
                 fields["train.objective"] = gr.Radio(list(OBJECTIVES), value=start_values["train.objective"],
                                                      label=FIELDS["train.objective"], elem_id="build-objective",
-                                                     info=" · ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()))
+                                                     info=OBJECTIVE_INFO, scale=2)
                 fields["train.beta"] = gr.Number(start_values["train.beta"], label=FIELDS["train.beta"],
-                                                 elem_id="build-beta")
+                                                 elem_id="build-beta", scale=1, min_width=90)
             fields = {key: fields[key] for key in FIELDS}  # inputs and outputs below go in FIELDS' order
             estimate = gr.Markdown(builder.estimate(start_values), elem_id="build-estimate")
         with gr.Column(scale=1, min_width=260):
