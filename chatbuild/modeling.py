@@ -216,11 +216,14 @@ def use_one_4bit_kernel(model) -> None:
     0.02 and resume stopped being exact, since a resumed run had not validated first). In serving, the
     same seeded request sampled alone and in a batch of other rows diverged on such a CPU
     (tests/test_engine_batching.py), and agree without it. So every 4-bit model chatbuild loads stays on
-    the one kernel (any weight already packed is unpacked); what the packed kernel would save when
-    serving on CPU is for the CPU serving work to measure."""
+    the one kernel, set before the first forward (`load_base_model` does it): a weight already packed is
+    unpacked, with a warning, as the round trip is not exact. The packed kernel also rounds differently:
+    on the tiny base its logits differed from the one kernel's by up to 0.024 (of 9). What it would save
+    when serving on CPU is for the CPU serving work to measure."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     from bitsandbytes.nn import Linear4bit
 
+    unpacked = 0
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
@@ -228,6 +231,10 @@ def use_one_4bit_kernel(model) -> None:
             if state is not None and getattr(state, "packing_format_for_cpu", False):
                 module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
                     module.weight.data, state)
+                unpacked += 1
+    if unpacked:  # measured on the tiny base: logits moved by up to 0.01 against a never-packed load
+        warnings.warn(f"{unpacked} 4-bit layers had been packed for bitsandbytes' CPU kernel and were unpacked; "
+                      "that round trip is not exact: call use_one_4bit_kernel before the first forward", stacklevel=2)
 
 
 def vocab_mismatch(model, tokenizer) -> int:
