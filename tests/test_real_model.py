@@ -63,13 +63,17 @@ def chatbuild_serve(*args: str, env: dict[str, str], log: Path):
 
 def plain_transformers_replies(base: Path) -> dict[str, str]:
     """What transformers alone answers: the base in NF4 (double quant, float32 compute, as chatbuild
-    loads it on CPU), the tokenizer's chat template, greedy `generate`."""
+    loads it on CPU, on the same bitsandbytes kernel: `chatbuild.modeling.use_one_4bit_kernel`; the
+    packed CPU kernel rounds differently), the tokenizer's chat template, greedy `generate`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from chatbuild.modeling import use_one_4bit_kernel
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=q, dtype=torch.float32, device_map={"": "cpu"})
+    use_one_4bit_kernel(model)
     tokenizer = AutoTokenizer.from_pretrained(base)
     replies = {}
     for name, messages in CONVERSATIONS.items():
