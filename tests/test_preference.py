@@ -244,14 +244,11 @@ def chunked_logps(obj, model, examples):
 
 
 def load_nf4(base):
-    """The base in NF4 on CPU, kept on bitsandbytes' training kernel (as a model being trained is, see
-    `chatbuild.modeling.keep_4bit_layers_trainable`): its no-grad forwards then round exactly as the
-    trained model's do, instead of through the packed inference kernel some CPUs switch to."""
-    from chatbuild.modeling import keep_4bit_layers_trainable, load_base_model
+    """The base in NF4 on CPU, as chatbuild loads it (on bitsandbytes' one kernel, see
+    `chatbuild.modeling.use_one_4bit_kernel`, so no-grad forwards round as the trained model's do)."""
+    from chatbuild.modeling import load_base_model
 
-    model = load_base_model(str(base), quant="nf4", double_quant=True, compute_dtype="float32", device="cpu")
-    keep_4bit_layers_trainable(model)
-    return model
+    return load_base_model(str(base), quant="nf4", double_quant=True, compute_dtype="float32", device="cpu")
 
 
 @pytest.mark.integration
