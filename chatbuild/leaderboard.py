@@ -114,3 +114,17 @@ def leaderboard_plot(rows, battles, title: str, xlabel: str = "rating"):
     fig.colorbar(draw_heat_map(right, battles, [r.model for r in rows]), ax=right, shrink=0.8)
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def style_rows(coefficients, digits: int = 3, elo_digits: int = 1) -> list[str]:
+    """Markdown table rows, one per fitted style coefficient (chatbuild.ratings.StyleCoefficient): value
+    in log-odds per sd, its interval and Elo points; "never varied" for a feature without a value. Used
+    by `eval elo --style-control` and the Leaderboard tab, under their own headers."""
+    rows = []
+    for c in coefficients:
+        if c.value is None:
+            rows.append(f"| {c.feature} | – | never varied | – |")
+        else:
+            interval = "–" if c.ci_low is None else f"{c.ci_low:.{digits}f} – {c.ci_high:.{digits}f}"
+            rows.append(f"| {c.feature} | {c.value:.{digits}f} | {interval} | {c.elo:+.{elo_digits}f} |")
+    return rows

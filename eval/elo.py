@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 from chatbuild.errors import UserError
-from chatbuild.leaderboard import interval_text
+from chatbuild.leaderboard import interval_text, style_rows
 from chatbuild.ratings import DEFAULT_METHOD, METHODS, PERMUTATIONS, K, method_choices
 
 
@@ -152,12 +152,7 @@ def style_table(coefficients) -> str:
 
 def style_markdown(coefficients) -> str:
     lines = ["| Style feature | Coefficient (log-odds per sd) | 95% interval | Elo points |", "|---|---:|---:|---:|"]
-    for c in coefficients:
-        if c.value is None:
-            lines.append(f"| {c.feature} | – | never varied | – |")
-        else:
-            interval = "–" if c.ci_low is None else f"{c.ci_low:.3f} – {c.ci_high:.3f}"
-            lines.append(f"| {c.feature} | {c.value:.3f} | {interval} | {c.elo:+.1f} |")
+    lines += style_rows(coefficients, digits=3, elo_digits=1)
     return "\n".join(lines) + "\n"
 
 

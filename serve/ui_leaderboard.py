@@ -139,12 +139,7 @@ def style_markdown(coefficients) -> str:
              "standard deviation of (a − b)/(a + b + 1) over these battles; an interval that excludes 0 means "
              "the raters reward (or punish) that style.", "",
              "| Feature | Log-odds per sd | 95% interval | Elo points |", "|---|---:|---:|---:|"]
-    for c in coefficients:
-        if c.value is None:
-            lines.append(f"| {c.feature} | – | never varied | – |")
-        else:
-            interval = "–" if c.ci_low is None else f"{c.ci_low:.2f} – {c.ci_high:.2f}"
-            lines.append(f"| {c.feature} | {c.value:.2f} | {interval} | {c.elo:+.0f} |")
+    lines += leaderboard.style_rows(coefficients, digits=2, elo_digits=0)
     return "\n".join(lines)
 
 
