@@ -35,7 +35,7 @@ from chatbuild.data import FORMATS, MODES, PAIR_FORMATS
 from chatbuild.engines import LoadsAdapters
 from chatbuild.errors import UserError
 from serve.builder import FIELDS, Builder, DataChoice, preset_values, presets, progress_of
-from serve.jobs import FINISHED
+from serve.jobs import FINISHED, Job
 from serve.ui_common import UIContext
 from serve.uploads import discard, uploaded_file
 
@@ -113,7 +113,7 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
 
     gr.Markdown("### Jobs")
     jobs_table = gr.Dataframe(headers=JOB_COLUMNS, datatype=["number", "str", "str", "str", "str", "str", "str"],
-                              interactive=False, elem_id="build-jobs", value=_jobs_rows(builder))
+                              interactive=False, elem_id="build-jobs", value=_jobs_rows(builder.jobs.jobs()))
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             job = gr.Dropdown(_job_choices(builder), label="Job", allow_custom_value=True, elem_id="build-job")
@@ -218,7 +218,8 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
 
     def show_job(job_id, seen_models):
         """The job view plus the table, and new model choices for the pickers when they changed."""
-        view = _job_view(builder, job_id)
+        jobs = builder.jobs.jobs()  # one snapshot: the view and the table never disagree on a job's status
+        view = _job_view(builder, job_id, jobs)
         current = ctx.models()
         if current != seen_models:
             new = [m for m in current if m not in (seen_models or [])]
@@ -227,7 +228,7 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
                        gr.update(choices=current)]
         else:
             updates = [gr.skip() for _ in range(len(pickers) + 2)]
-        return (*view, _jobs_rows(builder), current, *updates)
+        return (*view, _jobs_rows(jobs), current, *updates)
 
     def cancel_job(job_id, request: gr.Request):
         try:
@@ -321,9 +322,9 @@ def _busy(builder: Builder, job_id: int) -> bool:
     return any(j.status == "running" and j.id != job_id for j in builder.jobs.jobs())
 
 
-def _jobs_rows(builder: Builder) -> list[list]:
+def _jobs_rows(jobs: list[Job]) -> list[list]:
     rows = []
-    for j in builder.jobs.jobs()[:50]:
+    for j in jobs[:50]:
         p = progress_of(j)
         step = f"{p['step']}/{p['steps']}" if p.get("steps") else ""
         rows.append([j.id, j.kind, j.name, j.status, step, "" if p.get("loss") is None else f"{p['loss']:.3f}",
@@ -331,13 +332,16 @@ def _jobs_rows(builder: Builder) -> list[list]:
     return rows
 
 
-def _job_view(builder: Builder, job_id) -> tuple:
-    """(progress bar, stats, loss curve, log tail) of one job."""
+def _job_view(builder: Builder, job_id, jobs: list[Job]) -> tuple:
+    """(progress bar, stats, loss curve, log tail) of one job, as it is in the snapshot `jobs`."""
     if job_id in (None, ""):
         return _bar(None), "Start a job, or pick one above.", _curve_frame(None), ""
     try:
-        job = builder.jobs.get(_job_id(job_id))
-    except (UserError, gr.Error):
+        wanted = _job_id(job_id)
+    except gr.Error:
+        return _bar(None), f"No job {job_id}.", _curve_frame(None), ""
+    job = next((j for j in jobs if j.id == wanted), None)
+    if job is None:
         return _bar(None), f"No job {job_id}.", _curve_frame(None), ""
     p = progress_of(job)
     parts = [f"**{job.status}**"]
