@@ -195,6 +195,11 @@ class Builder:
         if refusal:
             raise UserError(refusal)
 
+    def may_read(self, job: Job, login: str | None) -> bool:
+        """Whether `login` may read `job`'s log, error and note (they name files and data): its owner
+        may, and anyone on a server without a builder list. Everyone sees the queue's rows and progress."""
+        return self.builders is None or job.owner == login
+
     def _own(self, job_id: int, login: str | None) -> Job:
         """The job, if `login` may act on it: its own (anyone's on a server without logins)."""
         self._allow(login)

@@ -113,7 +113,7 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
 
     gr.Markdown("### Jobs")
     jobs_table = gr.Dataframe(headers=JOB_COLUMNS, datatype=["number", "str", "str", "str", "str", "str", "str"],
-                              interactive=False, elem_id="build-jobs", value=_jobs_rows(builder.jobs.jobs()))
+                              interactive=False, elem_id="build-jobs", value=_jobs_rows(builder, builder.jobs.jobs(), None))
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             job = gr.Dropdown(_job_choices(builder), label="Job", allow_custom_value=True, elem_id="build-job")
@@ -216,10 +216,11 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
         return (f"Job **{job.id}** `{job.name}` queued; it {where}. Follow it below.",
                 gr.update(choices=_job_choices(builder), value=job.id), _free_name(builder, ctx, taken=job.name))
 
-    def show_job(job_id, seen_models):
+    def show_job(job_id, seen_models, request: gr.Request):
         """The job view plus the table, and new model choices for the pickers when they changed."""
         jobs = builder.jobs.jobs()  # one snapshot: the view and the table never disagree on a job's status
-        view = _job_view(builder, job_id, jobs)
+        login = _login(request)
+        view = _job_view(builder, job_id, jobs, login)
         current = ctx.models()
         if current != seen_models:
             new = [m for m in current if m not in (seen_models or [])]
@@ -228,7 +229,7 @@ def build_build_tab(ctx: UIContext, builder: Builder, pickers: list[gr.Dropdown]
                        gr.update(choices=current)]
         else:
             updates = [gr.skip() for _ in range(len(pickers) + 2)]
-        return (*view, _jobs_rows(jobs), current, *updates)
+        return (*view, _jobs_rows(builder, jobs, login), current, *updates)
 
     def cancel_job(job_id, request: gr.Request):
         try:
@@ -322,18 +323,20 @@ def _busy(builder: Builder, job_id: int) -> bool:
     return any(j.status == "running" and j.id != job_id for j in builder.jobs.jobs())
 
 
-def _jobs_rows(jobs: list[Job]) -> list[list]:
+def _jobs_rows(builder: Builder, jobs: list[Job], login: str | None) -> list[list]:
+    """The queue's table; the last column (error or note) only on the rows `login` may read."""
     rows = []
     for j in jobs[:50]:
         p = progress_of(j)
         step = f"{p['step']}/{p['steps']}" if p.get("steps") else ""
-        rows.append([j.id, j.kind, j.name, j.status, step, "" if p.get("loss") is None else f"{p['loss']:.3f}",
-                     j.error or j.note or ""])
+        said = (j.error or j.note or "") if builder.may_read(j, login) else ""
+        rows.append([j.id, j.kind, j.name, j.status, step, "" if p.get("loss") is None else f"{p['loss']:.3f}", said])
     return rows
 
 
-def _job_view(builder: Builder, job_id, jobs: list[Job]) -> tuple:
-    """(progress bar, stats, loss curve, log tail) of one job, as it is in the snapshot `jobs`."""
+def _job_view(builder: Builder, job_id, jobs: list[Job], login: str | None) -> tuple:
+    """(progress bar, stats, loss curve, log tail) of one job, as it is in the snapshot `jobs`; its log,
+    error, note and folder only when `login` may read them (`Builder.may_read`)."""
     if job_id in (None, ""):
         return _bar(None), "Start a job, or pick one above.", _curve_frame(None), ""
     try:
@@ -353,6 +356,9 @@ def _job_view(builder: Builder, job_id, jobs: list[Job]) -> tuple:
         parts.append(f"{p['tokens_per_s']:,.0f} tokens/s")
     if p.get("memory_gb"):
         parts.append(f"{p['memory_gb']:.2f} GB peak memory")
+    if not builder.may_read(job, login):
+        parts.append(f"its log and messages are shown only to {job.owner or 'the operator'}")
+        return _bar(job, p["fraction"]), " · ".join(parts), _curve_frame(p), ""
     if job.error:
         parts.append(f"⚠️ {job.error}")
     if job.note:

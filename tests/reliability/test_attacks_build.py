@@ -302,3 +302,21 @@ def test_jobs_get_none_of_the_servers_secrets(tmp_path, monkeypatch):
         assert ft[name] == os.environ[name] and ev[name] == os.environ[name]
     record("build: job environment", server_secrets=sorted(SECRETS), finetune_got=sorted(k for k in SECRETS if k in ft),
            eval_got=sorted(k for k in ("OPENAI_API_KEY", "CHATBUILD_JUDGE_API_KEY") if k in ev))
+
+
+def test_a_login_reads_only_its_own_jobs_log_and_messages(tmp_path):
+    """A job's log and error name the owner's files and data: another builder sees the queue's row and
+    progress, never the log, the error or the note."""
+    with build_server(tmp_path, ui_auth=USERS, builder_users=["alice", "bob"]) as (url, builder), \
+            gradio_client(url, auth=ALICE) as alice, gradio_client(url, auth=BOB) as bob:
+        job_id = start(alice, "env-alice")
+        settled(builder, job_id)
+        _, mine, _, my_log, my_table, *_ = alice.predict(job_id, [], api_name="/build_job")
+        _, theirs, _, their_log, their_table, *_ = bob.predict(job_id, [], api_name="/build_job")
+    assert "ENV {" in my_log and "shown only to" not in mine, my_log[:300]
+    assert their_log == "" and "shown only to alice" in theirs
+    assert "ENV" not in json.dumps(their_table) and SECRETS["HF_TOKEN"] not in theirs + json.dumps(their_table)
+    my_row = next(r for r in my_table["data"] if r[0] == job_id)
+    their_row = next(r for r in their_table["data"] if r[0] == job_id)
+    assert their_row[:6] == my_row[:6] and their_row[6] == ""
+    record("build: another login's job log", log_hidden=True, error_hidden=True)
