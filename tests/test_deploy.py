@@ -236,6 +236,8 @@ def test_compose_app_service():
     assert app["healthcheck"]["start_period"].endswith("m")
     assert app["depends_on"]["vllm"] == {"condition": "service_healthy", "required": False}
     assert app["environment"]["CHATBUILD_API_KEY"] == "${CHATBUILD_API_KEY:-}"  # a secret, from the environment
+    # the Build tab with logins refuses to start without its builders: compose must pass them through
+    assert app["environment"]["CHATBUILD_BUILDER_USERS"] == "${CHATBUILD_BUILDER_USERS:-}"
 
 
 def test_compose_vllm_service():
