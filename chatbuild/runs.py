@@ -152,11 +152,14 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path | Non
 
 def start_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
     """Create the run folder (emptied first with `overwrite`) and write config.yaml; returns it.
-    Call after `prepare_run_dir`, from one process."""
+    Call after `prepare_run_dir`, from one process. A finished run that is resumed (to train longer)
+    stops being finished until `save_final` writes its new adapter: its chat_format.json goes first,
+    so nothing serves or merges a half-overwritten adapter as a finished run."""
     run_dir = cfg.run_dir
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "chat_format.json").unlink(missing_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     return run_dir
 

@@ -199,6 +199,21 @@ def test_prepare_refuses_what_it_must_and_finds_the_checkpoint_to_resume(tmp_pat
     assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["config.yaml"]
 
 
+def test_a_finished_run_that_is_resumed_is_unfinished_until_saved_again(tmp_path):
+    """Resuming a finished run to train longer overwrites its adapter at the end: until then nothing
+    may take it for a finished run (the Build tab would serve it, merge would merge it)."""
+    cfg = RunConfig(name="r", output_dir=str(tmp_path / "r"))
+    runs.start_run_dir(cfg, overwrite=False)
+    for name in runs.FINISHED_FILES:  # what save_final leaves (is_run looks only at their presence)
+        (cfg.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        if name != "tokenizer":
+            (cfg.run_dir / name).write_text("{}")
+    (cfg.run_dir / "tokenizer").mkdir(exist_ok=True)
+    assert runs.is_run(cfg.run_dir)
+    runs.start_run_dir(cfg, overwrite=False)  # what a resume does before it trains
+    assert not runs.is_run(cfg.run_dir) and runs.missing_files(cfg.run_dir) == ["chat_format.json"]
+
+
 # ── card and plot ───────────────────────────────────────────────────────────────────────────────
 def test_card_names_the_objective_and_its_metrics_and_the_plot_is_a_png(tmp_path):
     cfg = RunConfig(name="pref", model=ModelSettings(base="org/model"))
