@@ -248,9 +248,10 @@ def add_tokenizer(writer, tokenizer_dir: Path, tokenizer, kind: str, n_vocab: in
     writer.add_token_types(types)
     if kind == "llama":
         writer.add_token_scores(scores)
-        writer.add_add_space_prefix(True)  # Metaspace: "▁" before the first word (checked in tokenizer_kind)
-    else:
-        writer.add_add_space_prefix(False)
+    # A SentencePiece-style tokenizer puts "▁" before the first word of its input, but chatbuild's
+    # prompts begin with a special token (BOS or a turn marker), after which it never did: llama.cpp
+    # must not add one either (it would, before the text that follows the BOS it adds).
+    writer.add_add_space_prefix(False)
     special.add_special_token = {"bos": add_bos, "eos": False}
     special.chat_template = tokenizer.chat_template
     special.add_to_gguf(writer, quiet=True)

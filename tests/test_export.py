@@ -233,23 +233,25 @@ def check_weights(merged, loaded, gguf_type: str) -> None:
         assert torch.equal(got[key], w), key
 
 
-def gguf_tokenizer_matches(run: Path, gguf_file: Path, fmt: ChatFormat, tokenizer) -> None:
-    """The tokenizer transformers builds from the GGUF file encodes each prompt as chatbuild does.
-    The file asks for BOS to be added exactly when the format renders it (llama.cpp adds it), so the
-    text is given without it."""
+def gguf_tokenizer_matches(gguf_file: Path, fmt: ChatFormat, tokenizer) -> None:
+    """The tokenizer transformers builds from the GGUF file (vocabulary, merges, special tokens) encodes
+    each rendered prompt as chatbuild does; and the file tells llama.cpp to add BOS exactly when the
+    format renders one (the Modelfile's TEMPLATE leaves it out), and no "▁" space prefix (chatbuild's
+    text always starts with a special token, after which the tokenizer never prefixed one)."""
+    import gguf
     from transformers import AutoTokenizer
 
     from chatbuild.templates import prompt_ids
 
     from_gguf = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    _, starts_with_bos = ollama_template(fmt, tokenizer)
     for messages in CONVERSATIONS:
-        if messages[-1]["role"] != "user":
-            continue
-        text, _ = render(fmt, tokenizer, messages, add_generation_prompt=True)
-        if starts_with_bos:
-            text = text[len(tokenizer.bos_token):]
-        assert from_gguf(text)["input_ids"] == prompt_ids(fmt, tokenizer, messages)
+        if messages[-1]["role"] == "user":
+            text, _ = render(fmt, tokenizer, messages, add_generation_prompt=True)
+            assert from_gguf(text, add_special_tokens=False)["input_ids"] == prompt_ids(fmt, tokenizer, messages)
+    fields = gguf.GGUFReader(gguf_file).fields
+    assert fields["tokenizer.ggml.add_bos_token"].contents() == ollama_template(fmt, tokenizer)[1]
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is False
+    assert fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
 
 
 def read_modelfile(path: Path) -> dict:
@@ -270,6 +272,7 @@ def test_tiny_run_round_trip(tiny_base, tiny_tokenizer, tmp_path, gguf_type):
     merge's (F16 exactly; Q8_0 exactly its rounding of each matrix, see check_weights), the GGUF
     tokenizer encodes like chatbuild, and the Modelfile says FROM, TEMPLATE, stop and SYSTEM."""
     import torch
+    from transformers import AutoTokenizer
 
     from pipelines.export import export_run
 
@@ -288,7 +291,7 @@ def test_tiny_run_round_trip(tiny_base, tiny_tokenizer, tmp_path, gguf_type):
         for a, b in zip(want_logits, got_logits):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-5)  # the same weights: the same numbers
         assert got == want
-    gguf_tokenizer_matches(run, gguf_file, fmt, tiny_tokenizer)
+    gguf_tokenizer_matches(gguf_file, fmt, AutoTokenizer.from_pretrained(run / "tokenizer"))
 
     modelfile = read_modelfile(out / "Modelfile")
     assert modelfile["FROM"] == f"./{gguf_file.name}"
@@ -337,7 +340,7 @@ def test_smollm2_round_trip(smollm2_base, smollm2_gguf_file, tmp_path):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     assert got == want
     assert any(tokenizer.eos_token_id in r for r in want)  # real replies that end their turn
-    gguf_tokenizer_matches(run, f16, fmt, tokenizer)
+    gguf_tokenizer_matches(f16, fmt, tokenizer)
 
     ours, theirs = gguf.GGUFReader(f16), gguf.GGUFReader(smollm2_gguf_file)
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
