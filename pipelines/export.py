@@ -53,8 +53,8 @@ def export_run(run_path: str | Path, gguf_type: str, out: str | Path | None = No
     _check_out(out, overwrite)
 
     # ── checks (config and tokenizer files only) ──
-    from chatbuild.modeling import check_causal_lm, load_tokenizer
     from chatbuild.bases import resolve_base
+    from chatbuild.modeling import check_causal_lm, load_tokenizer
     from chatbuild.templates import ollama_template
 
     base = resolve_base(run.base)
@@ -64,16 +64,17 @@ def export_run(run_path: str | Path, gguf_type: str, out: str | Path | None = No
     check_vocabulary(run, config, tokenizer)
     kind = tokenizer_kind(run.tokenizer_dir)
     template, starts_with_bos = ollama_template(run.chat_format, tokenizer)
+    name = f"{run.name}.{gguf_type}.gguf"
+    text = modelfile(name, template, run.chat_format)
 
     # ── merge, convert, describe ──
-    name = f"{run.name}.{gguf_type}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         merged = merge_run(run.path, tmp / "merged", dtype=dtype)
         write_gguf(merged, tmp / name, gguf_type, run, tokenizer, kind, add_bos=starts_with_bos, log=log)
         shutil.rmtree(merged)
-        (tmp / "Modelfile").write_text(modelfile(name, template, run.chat_format))
+        (tmp / "Modelfile").write_text(text)
         record = {"run": str(run.path), "adapter_sha256": _adapter_digest(run), "gguf": gguf_type,
                   "merge_dtype": dtype, "file": name, "tokenizer_model": kind, "writer": "gguf " + _gguf_version()}
         (tmp / "chatbuild_export.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -305,8 +306,11 @@ def add_tensors(writer, model_dir: Path, config, gguf_type: str) -> dict[str, in
 def modelfile(gguf_name: str, template: str, fmt) -> str:
     """FROM the GGUF beside it, the chat format as TEMPLATE, its stop strings as PARAMETER stop lines
     and its default system prompt as SYSTEM. Values go between Ollama's triple quotes (strings)."""
+    for what, text in (("chat template", template), ("system prompt", fmt.system_prompt or "")):
+        if '"""' in text:
+            raise UserError(f'the run\'s {what} contains """, which ends a Modelfile value early; remove it to export')
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in fmt.stop]
+    lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in fmt.stop]
     if fmt.system_prompt:
         lines.append(f'SYSTEM """{fmt.system_prompt}"""')
     return "\n".join(lines) + "\n"

@@ -311,17 +311,19 @@ def test_smollm2_round_trip(smollm2_base, smollm2_gguf_file, tmp_path):
       per 32), so logits move by that rounding only. Tolerance, measured on this model: the largest
       logit difference was 0.78 on logits spanning ±36 (about 2%), against a 7.2 change the adapter
       itself makes; we allow 2.5 (7% of the span) and require the adapter's effect to stay over 3 times
-      the quantization error, the greedy replies to be equal, and the top-1 token to agree on at least
-      90% of prompt positions (where the model is unsure, a 2% nudge may flip a near tie).
+      the quantization error and the top-1 token to agree on at least 90% of prompt positions. A 2%
+      nudge can flip a near tie, and one flip changes the rest of a greedy reply (measured: "Another
+      one?" got another wording of the same short answer), so replies are compared token by token with
+      the merged model's reply given: each of its tokens must be the Q8_0 model's first or second
+      choice, and the Q8_0 model's own replies must end their turn too.
     - The tokenizer metadata (tokens, their types, merges) equals what llama.cpp's own converter wrote
       into the GGUF file SmolLM2 was imported from, and the GGUF tokenizer encodes like chatbuild."""
     import gguf
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipelines.export import export_run
-
     from chatbuild.modeling import load_tokenizer
+    from pipelines.export import export_run
 
     fmt = make_format("chatml")
     run = scaled_run(smollm2_base, tmp_path / "smol", fmt, lora_b_scale=0.1)
@@ -358,7 +360,13 @@ def test_smollm2_round_trip(smollm2_base, smollm2_gguf_file, tmp_path):
         error, effect = (b - a).abs().max().item(), (a - base_l).abs().max().item()
         assert error < 2.5 and effect > 3 * error, (error, effect)
         assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
-    assert q_replies == want
+    for ids, reply, own in zip(prompts, want, q_replies):
+        x = torch.tensor([ids + reply])
+        with torch.no_grad():
+            logits = loaded(x).logits[0, len(ids) - 1:-1]
+        chosen = logits.gather(1, torch.tensor(reply)[:, None])
+        assert ((logits > chosen).sum(1) <= 1).all(), (reply, own)  # first or second choice at every step
+        assert tokenizer.eos_token_id in own
     assert q8.stat().st_size < 0.6 * f16.stat().st_size  # 8.5 bits per weight against 16
 
 
@@ -464,3 +472,12 @@ def test_chat_format_without_ollama_template_is_refused_before_the_merge(tiny_ex
     line = one_error_line(*export_cli(capsys, tiny_export_run, "--gguf", "f16", "--out", tmp_path / "out"))
     assert 'chat format "tokenizer" has no Ollama template' in line
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_system_prompt_that_would_end_the_modelfile_value_is_refused(tiny_export_run, tmp_path, capsys):
+    """Modelfile values sit between triple quotes; a system prompt holding them would end it early."""
+    ChatFormat(system_prompt='Say """hi"""').save(tiny_export_run / "chat_format.json")
+    line = one_error_line(*export_cli(capsys, tiny_export_run, "--gguf", "f16", "--out", tmp_path / "out"))
+    assert line == ('chatbuild export: error: the run\'s system prompt contains """, which ends a Modelfile value '
+                    "early; remove it to export")
+    assert not (tmp_path / "out").exists()
