@@ -188,8 +188,14 @@ def load_both(run: Path, gguf_file: Path, tmp_path: Path):
 
     merged_dir = merge_run(run, tmp_path / "merged", dtype="float16")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    return merged, loaded
+    return merged, load_gguf(gguf_file)
+
+
+def load_gguf(gguf_file: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
 
 
 def prompts_ids(fmt: ChatFormat, tokenizer) -> list[list[int]]:
@@ -274,12 +280,11 @@ def test_tiny_run_round_trip(tiny_base, tiny_tokenizer, tmp_path, gguf_type):
     import torch
     from transformers import AutoTokenizer
 
-    from pipelines.export import export_run
-
     fmt = make_format("guanaco", system_prompt="You are a tiny model.", tokenizer=tiny_tokenizer)
     run = scaled_run(tiny_base, tmp_path / "tiny", fmt)
     out = tmp_path / "export"
-    gguf_file = export_run(run, gguf_type, out, log=lambda *_: None)
+    assert main(["export", str(run), "--gguf", gguf_type, "--out", str(out)]) == 0  # the command line itself
+    gguf_file = out / f"tiny.{gguf_type}.gguf"
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "chatbuild_export.json", f"tiny.{gguf_type}.gguf"]
     assert not list(tmp_path.glob(".export.tmp-*"))
 
@@ -353,7 +358,7 @@ def test_smollm2_round_trip(smollm2_base, smollm2_gguf_file, tmp_path):
     del loaded
 
     q8 = export_run(run, "q8_0", tmp_path / "q8", log=lambda *_: None)
-    _, loaded = load_both(run, q8, tmp_path / "again")
+    loaded = load_gguf(q8)
     check_weights(merged, loaded, "q8_0")
     q_logits, q_replies = logits_and_replies(loaded, prompts)
     for a, b, base_l in zip(want_logits, q_logits, base_logits):
