@@ -23,6 +23,13 @@ Adding a format is one `FormatSpec` entry in `FORMATS` (a Jinja template and its
 render function): the config check, `chatbuild data inspect --chat-format`, `chatbuild serve
 --chat-format` and `ChatFormat` all read the registry. `DEFAULT_FORMAT` is the config's default.
 
+Each registry format also says how Ollama writes it (`ollama_template`): a Modelfile TEMPLATE in the
+Go text/template syntax Ollama uses, which `chatbuild export` puts beside a GGUF file. Filled with a
+conversation the way Ollama fills it (`.System`, then `.Messages` with `.Role` and `.Content`), it
+renders the text `render` renders, less the BOS token that llama.cpp adds itself (tests/test_export.py
+checks this with a renderer of that template subset). Free-form formats ("tokenizer", .jinja files)
+have none: a Jinja template cannot be translated to Go in general.
+
 A stop string that is one token of the tokenizer (`<|im_end|>`, `<|eot_id|>` in their own families)
 also ends a reply as a token id (`stop_token_ids`): special tokens never reach the reply text, so
 their string would never be seen there.
@@ -106,6 +113,30 @@ def guanaco_jinja_template() -> str:
     )
 
 
+# ── how Ollama writes each format (Go text/template; see `ollama_template`) ─────────────────────
+# The pattern (.System first, then one branch per role in `range .Messages`, the assistant header written
+# after each user turn) follows LLaMA-Factory's Ollama Modelfile export. Ollama collects the system
+# messages into .System and leaves them in .Messages too, so the branches skip the "system" role.
+def _ollama_guanaco(tokenizer) -> str:
+    return ("{{ if .System }}{{ .System }}\n{{ end }}"
+            '{{ range .Messages }}{{ if eq .Role "user" }}' + GUANACO_HUMAN + " {{ .Content }}\n" + GUANACO_ASSISTANT
+            + '{{ else if eq .Role "assistant" }} {{ .Content }}' + (tokenizer.eos_token or "") + "\n{{ end }}{{ end }}")
+
+
+def _ollama_chatml(tokenizer) -> str:
+    return ("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+            '{{ range .Messages }}{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+            '<|im_start|>assistant\n{{ else if eq .Role "assistant" }}{{ .Content }}<|im_end|>\n{{ end }}{{ end }}')
+
+
+def _ollama_llama3(tokenizer) -> str:
+    # The Jinja template trims each message; Go templates have no trim, so content is used as it is.
+    return ("{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+            '{{ range .Messages }}{{ if eq .Role "user" }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Content }}'
+            '<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n{{ else if eq .Role "assistant" }}'
+            "{{ .Content }}<|eot_id|>{{ end }}{{ end }}")
+
+
 # ── the registry ───────────────────────────────────────────────────────────────────────────────
 @dataclass(frozen=True)
 class FormatSpec:
@@ -116,7 +147,9 @@ class FormatSpec:
     `from_tokenizer`) the base tokenizer's own template. `stop`: strings that end a reply besides EOS
     (a `from_tokenizer` format reads its end-of-turn marker off the template instead). `saved_template`:
     the chat template a run's tokenizer is saved with when it has none of its own, for a format that
-    has no `template` (Guanaco's, so a bare `apply_chat_template` renders what was trained)."""
+    has no `template` (Guanaco's, so a bare `apply_chat_template` renders what was trained).
+    `ollama(tokenizer)`: the format as an Ollama TEMPLATE (`ollama_template`); `starts_with_bos`: its
+    rendering begins with the tokenizer's BOS token, which the exported GGUF asks llama.cpp to add."""
 
     about: str
     stop: tuple[str, ...] = ()
@@ -124,15 +157,19 @@ class FormatSpec:
     render: Callable[..., tuple[str, list[tuple[int, int]]]] | None = None
     from_tokenizer: bool = False
     saved_template: str | None = None
+    ollama: Callable[..., str] | None = None
+    starts_with_bos: bool = False
 
 
 FORMATS: dict[str, FormatSpec] = {
     "guanaco": FormatSpec("the QLoRA paper's ### Human: / ### Assistant: lines", (GUANACO_HUMAN,),
-                          render=_render_guanaco, saved_template=guanaco_jinja_template()),
+                          render=_render_guanaco, saved_template=guanaco_jinja_template(), ollama=_ollama_guanaco,
+                          starts_with_bos=True),
     "tokenizer": FormatSpec("the base tokenizer's own chat template", from_tokenizer=True),
-    "chatml": FormatSpec("<|im_start|>role ... <|im_end|>", ("<|im_end|>", "<|im_start|>"), CHATML_TEMPLATE),
+    "chatml": FormatSpec("<|im_start|>role ... <|im_end|>", ("<|im_end|>", "<|im_start|>"), CHATML_TEMPLATE,
+                         ollama=_ollama_chatml),
     "llama3": FormatSpec("<|start_header_id|>role<|end_header_id|> ... <|eot_id|>", ("<|eot_id|>", "<|start_header_id|>"),
-                         LLAMA3_TEMPLATE),
+                         LLAMA3_TEMPLATE, ollama=_ollama_llama3, starts_with_bos=True),
 }
 DEFAULT_FORMAT = "guanaco"  # for bases without a chat template of their own, and the config's default
 TOKENIZER = "tokenizer"  # the name a bare base with a chat template is served under (`bare_base_format`)
@@ -264,6 +301,18 @@ def end_of_turn(tokenizer, template: str) -> list[str]:
         return []
     after = text[text.find(marker) + len(marker):].split() if marker in text else []
     return after[:1]
+
+
+def ollama_template(fmt: ChatFormat, tokenizer) -> tuple[str, bool]:
+    """(TEMPLATE, starts_with_bos): the run's chat format as an Ollama Modelfile TEMPLATE, and whether
+    its rendering begins with BOS (which the template leaves to llama.cpp). UserError for a format that
+    has no Ollama template (see the module docstring)."""
+    spec = FORMATS.get(fmt.name)
+    if spec is None or spec.ollama is None:
+        written = ", ".join(n for n, f in FORMATS.items() if f.ollama is not None)
+        raise UserError(f'chat format "{fmt.name}" has no Ollama template (chatbuild writes them for {written}); '
+                        "fine-tune with one of those to export a Modelfile")
+    return spec.ollama(tokenizer), spec.starts_with_bos
 
 
 def stop_token_ids(fmt: ChatFormat, tokenizer) -> set[int]:
