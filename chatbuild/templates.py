@@ -303,6 +303,61 @@ def end_of_turn(tokenizer, template: str) -> list[str]:
     return after[:1]
 
 
+# Conversations that tell templates apart: with and without a system message, one and several turns.
+_PROBES = (
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "Another?"}],
+    [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}],
+)
+_SENTINEL = "\x1fchatbuild-system\x1f"
+
+
+def as_named_format(fmt: ChatFormat, tokenizer) -> ChatFormat:
+    """`fmt` itself when it is a registry format; for a tokenizer's own or a .jinja template, the
+    registry format that renders every probe conversation to the same text, with the template's
+    implied default system prompt (SmolLM2's, for one) made explicit. UserError when none does.
+
+    Programs that must write a format in another language (an Ollama TEMPLATE) start from here: a
+    run trained on the base's own template is exportable when that template is, say, plain ChatML."""
+    if fmt.name in FORMATS and fmt.name != TOKENIZER:
+        return fmt
+    for name, spec in FORMATS.items():
+        if name == TOKENIZER or spec.ollama is None:
+            continue
+        candidate = ChatFormat(name=name, system_prompt=fmt.system_prompt, stop=list(fmt.stop))
+        if fmt.system_prompt is None:
+            try:
+                candidate.system_prompt = _implied_system(fmt, candidate, tokenizer)
+            except UserError:
+                continue
+        if all(_text(fmt, tokenizer, m) == _text(candidate, tokenizer, m) for m in _PROBES):
+            return candidate
+    return fmt
+
+
+def _text(fmt: ChatFormat, tokenizer, messages: list[dict]) -> str | None:
+    try:
+        return render(fmt, tokenizer, messages, add_generation_prompt=True)[0]
+    except (UserError, ValueError):  # a template that refuses a probe matches no format
+        return None
+
+
+def _implied_system(fmt: ChatFormat, candidate: ChatFormat, tokenizer) -> str | None:
+    """The system prompt `fmt`'s template puts into a conversation that brings none, read off by
+    lining its rendering up with `candidate`'s rendering of a conversation with a marked one."""
+    bare = _text(fmt, tokenizer, _PROBES[0])
+    if bare is None or bare == _text(candidate, tokenizer, _PROBES[0]):
+        return None
+    marked = _text(candidate, tokenizer, [{"role": "system", "content": _SENTINEL}, *_PROBES[0]])
+    before, _, after = (marked or "").partition(_SENTINEL)
+    if not marked or not bare.startswith(before) or not bare.endswith(after) or len(bare) < len(before) + len(after):
+        raise UserError("no implied system prompt")
+    return bare[len(before):len(bare) - len(after)] or None
+
+
 def ollama_template(fmt: ChatFormat, tokenizer) -> tuple[str, bool]:
     """(TEMPLATE, starts_with_bos): the run's chat format as an Ollama Modelfile TEMPLATE, and whether
     its rendering begins with BOS (which the template leaves to llama.cpp). UserError for a format that
@@ -310,8 +365,9 @@ def ollama_template(fmt: ChatFormat, tokenizer) -> tuple[str, bool]:
     spec = FORMATS.get(fmt.name)
     if spec is None or spec.ollama is None:
         written = ", ".join(n for n, f in FORMATS.items() if f.ollama is not None)
-        raise UserError(f'chat format "{fmt.name}" has no Ollama template (chatbuild writes them for {written}); '
-                        "fine-tune with one of those to export a Modelfile")
+        raise UserError(f'chat format "{fmt.name}" has no Ollama template (chatbuild writes them for {written}, and '
+                        "for a template that renders exactly as one of those); fine-tune with one of those to "
+                        "export a Modelfile")
     return spec.ollama(tokenizer), spec.starts_with_bos
 
 

@@ -55,7 +55,7 @@ def export_run(run_path: str | Path, gguf_type: str, out: str | Path | None = No
     # ── checks (config and tokenizer files only) ──
     from chatbuild.bases import resolve_base
     from chatbuild.modeling import check_causal_lm, load_tokenizer
-    from chatbuild.templates import ollama_template
+    from chatbuild.templates import as_named_format, ollama_template
 
     base = resolve_base(run.base)
     config = check_causal_lm(base, run.config.model.revision, run.config.model.trust_remote_code)
@@ -63,9 +63,10 @@ def export_run(run_path: str | Path, gguf_type: str, out: str | Path | None = No
     tokenizer = load_tokenizer(str(run.tokenizer_dir))
     check_vocabulary(run, config, tokenizer)
     kind = tokenizer_kind(run.tokenizer_dir)
-    template, starts_with_bos = ollama_template(run.chat_format, tokenizer)
+    fmt = as_named_format(run.chat_format, tokenizer)  # the base's own template, when it is ChatML say
+    template, starts_with_bos = ollama_template(fmt, tokenizer)
     name = f"{run.name}.{gguf_type}.gguf"
-    text = modelfile(name, template, run.chat_format)
+    text = modelfile(name, template, fmt)
 
     # ── merge, convert, describe ──
     out.parent.mkdir(parents=True, exist_ok=True)

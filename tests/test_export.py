@@ -160,8 +160,42 @@ def test_ollama_template_renders_the_chat_format(tiny_tokenizer, name, system_pr
 
 def test_formats_without_an_ollama_template_are_refused(tiny_tokenizer):
     with pytest.raises(UserError, match=r'^chat format "tokenizer" has no Ollama template \(chatbuild writes them '
-                                        r"for guanaco, chatml, llama3\); fine-tune with one of those"):
+                                        r"for guanaco, chatml, llama3, and for a template that renders exactly as one "
+                                        r"of those\); fine-tune with one of those"):
         ollama_template(make_format("tokenizer", tokenizer=tiny_tokenizer), tiny_tokenizer)
+
+
+def test_a_template_that_renders_as_a_registry_format_exports_as_it(tiny_tokenizer):
+    """A .jinja file (or a base's own template) that is ChatML in all but name is exported as chatml;
+    one that puts a default system prompt into conversations without one gets it as SYSTEM."""
+    from chatbuild.templates import CHATML_TEMPLATE, as_named_format
+
+    plain = as_named_format(ChatFormat(name="jinja", template=CHATML_TEMPLATE, stop=["<|im_end|>"]), tiny_tokenizer)
+    assert (plain.name, plain.system_prompt, plain.stop) == ("chatml", None, ["<|im_end|>"])
+    with_default = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe kind.<|im_end|>\n{% endif %}"
+                    + CHATML_TEMPLATE)
+    named = as_named_format(ChatFormat(name="jinja", template=with_default, stop=["<|im_end|>"]), tiny_tokenizer)
+    assert (named.name, named.system_prompt) == ("chatml", "Be kind.")
+    # a different template stays what it was (and ollama_template refuses it)
+    other = ChatFormat(name="jinja", template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    assert as_named_format(other, tiny_tokenizer) is other
+
+
+def test_smollm2s_own_template_exports_as_chatml_with_its_default_system(smollm2_base):
+    """The demo's persona run trains on SmolLM2's own template (chat_format tokenizer): its Modelfile,
+    filled by Ollama's rules, renders every conversation as that template does."""
+    from chatbuild.modeling import load_tokenizer
+    from chatbuild.templates import as_named_format
+
+    tokenizer = load_tokenizer(str(smollm2_base))
+    own = ChatFormat(name="tokenizer", stop=["<|im_end|>"])
+    named = as_named_format(own, tokenizer)
+    assert named.name == "chatml" and named.system_prompt.startswith("You are a helpful AI assistant named SmolLM")
+    template, starts_with_bos = ollama_template(named, tokenizer)
+    assert not starts_with_bos
+    for messages in CONVERSATIONS:
+        expected, _ = render(own, tokenizer, messages, add_generation_prompt=messages[-1]["role"] == "user")
+        assert ollama_fill(template, named.system_prompt, messages) == expected
 
 
 # ── round trips ──────────────────────────────────────────────────────────────────────────────
@@ -473,9 +507,11 @@ def test_run_whose_tokenizer_grew(tiny_base, tiny_export_run, tmp_path, capsys):
 
 def test_chat_format_without_ollama_template_is_refused_before_the_merge(tiny_export_run, tiny_tokenizer, tmp_path,
                                                                           capsys):
-    make_format("tokenizer", tokenizer=tiny_tokenizer).save(tiny_export_run / "chat_format.json")
+    """A template that renders as no registry format (see as_named_format) cannot become a TEMPLATE."""
+    ChatFormat(name="jinja", template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+               ).save(tiny_export_run / "chat_format.json")
     line = one_error_line(*export_cli(capsys, tiny_export_run, "--gguf", "f16", "--out", tmp_path / "out"))
-    assert 'chat format "tokenizer" has no Ollama template' in line
+    assert 'chat format "jinja" has no Ollama template' in line
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
