@@ -72,7 +72,8 @@ def export_run(run_path: str | Path, gguf_type: str, out: str | Path | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        merged = merge_run(run.path, tmp / "merged", dtype=dtype)
+        log(f"export: merging {run.path.name}'s adapter into its base in {dtype}")
+        merged = merge_run(run.path, tmp / "merged", dtype=dtype, log=lambda _: None)  # a scratch folder
         write_gguf(merged, tmp / name, gguf_type, run, tokenizer, kind, add_bos=starts_with_bos, log=log)
         shutil.rmtree(merged)
         (tmp / "Modelfile").write_text(text)

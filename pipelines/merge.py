@@ -59,8 +59,9 @@ def _prepare_out(out: Path, recipe: dict, overwrite: bool) -> bool:
 
 
 def merge_run(run_path: str | Path, out: str | Path, dtype: str = "bfloat16", requantize: str | None = None,
-              overwrite: bool = False) -> Path:
-    """The run's adapter merged into its base reloaded in 16 bits, saved as a standard HF checkpoint."""
+              overwrite: bool = False, log=print) -> Path:
+    """The run's adapter merged into its base reloaded in 16 bits, saved as a standard HF checkpoint.
+    `log` gets the closing line (a caller merging into a scratch folder passes its own)."""
     import torch
     from peft import PeftModel
 
@@ -92,7 +93,7 @@ def merge_run(run_path: str | Path, out: str | Path, dtype: str = "bfloat16", re
         shutil.rmtree(target)
     run.chat_format.save(out / "chat_format.json")
     (out / "chatbuild_merge.json").write_text(json.dumps(recipe, indent=2) + "\n")
-    print(f"merge: wrote {out}")
+    log(f"merge: wrote {out}")
     return out
 
 
