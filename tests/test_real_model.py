@@ -87,11 +87,13 @@ def plain_transformers_replies(base: Path) -> dict[str, str]:
 @pytest.mark.integration
 def test_bare_smollm2_is_served_in_its_own_template_and_equals_plain_transformers(smollm2_home, smollm2_base, tmp_path):
     """`chatbuild serve --base smollm2` finds the session's import (same CHATBUILD_HOME) and prompts the
-    bare base in its ChatML template (it used to get Guanaco's "### Human:" lines): the greedy replies to
+    bare base in its ChatML template (it used to get Guanaco's "### Human:" lines): served in NF4 (on a
+    CPU `auto` would pick fp32, whose replies are their own), the greedy replies to
     a system-prompted and a multi-turn conversation equal plain transformers' token for token, end with
     finish_reason "stop" at the end of the turn, and carry no <|im_start|>/<|im_end|>."""
     log = tmp_path / "serve.log"
-    with chatbuild_serve("--base", "smollm2", env={"CHATBUILD_HOME": str(smollm2_home)}, log=log) as url:
+    with chatbuild_serve("--base", "smollm2", "--quant", "nf4", env={"CHATBUILD_HOME": str(smollm2_home)},
+                         log=log) as url:
         [model] = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
         served = {}
         for name, messages in CONVERSATIONS.items():
