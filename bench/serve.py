@@ -2,8 +2,17 @@
 
     .venv/bin/python bench/serve.py --tiny              # CPU, tiny base (~2 min on 2 cores)
     .venv/bin/python bench/serve.py --shape llama-7b    # GPU: 7B-shaped random NF4 base + rank-64 adapters
+    .venv/bin/python bench/serve.py --base smollm2      # CPU: a real model (any local folder) in nf4, bf16, fp32
 
-Writes bench/results/serve-<device>-<date>.json (device: cpu, or the GPU's name).
+Writes bench/results/serve-<device>-<date>.json (device: cpu, or the GPU's name), with --base
+serve-cpu-<base>-<date>.json.
+
+`--base PATH|smollm2` (a model folder, a .gguf file or a short name from `chatbuild.bases`) runs, for
+each `--quant` precision in turn (default nf4 bf16 fp32, as `chatbuild serve --quant` loads them): the
+base's memory (its weights' bytes, the process's resident memory after loading), plain `generate` and
+the engine at batch 1, and the engine through the HTTP API at 1, 8 and 32 clients (continuous
+batching only), with rank-8 random adapters a and b as below. Defaults: 32 new tokens, 3 trials.
+A real model emits EOS, so a reply may end before `max_tokens`: tok/s counts the tokens made.
 
 The model: a base with random weights in NF4 (double quantization), with two random LoRA adapters
 (A and B both random, so they change every output) made in memory with PEFT; requests rotate over
@@ -106,8 +115,9 @@ def plain_generate(model, ids: list[int], new_tokens: int, trials: int) -> dict:
         sync()
         start = time.perf_counter()
         with torch.inference_mode():
+            # use_cache: chatbuild's loader turns the config's off (training); a plain user's model has it on
             model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
-                           min_new_tokens=n, pad_token_id=0)
+                           min_new_tokens=n, pad_token_id=0, use_cache=True)
         sync()
         return time.perf_counter() - start
 

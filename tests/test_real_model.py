@@ -162,7 +162,7 @@ def test_smollm2_engine_replies_equal_plain_generate_for_prompts_joining_at_diff
         with engine._lock:  # the other two arrive together, while a step runs
             threads[1].start()
             threads[2].start()
-            while engine.active < 3 and time.monotonic() < wait:
+            while len(engine._scheduler._waiting) < 2 and time.monotonic() < wait:  # both queued
                 time.sleep(0.01)
         for t in threads:
             t.join(timeout=300)

@@ -1,6 +1,7 @@
-"""The in-process engine: one quantized base, several run adapters, chosen per request.
+"""The in-process engine: one base, several run adapters, chosen per request.
 
     engine = HFEngine.from_runs(["runs/a", "runs/b"])      # base and quantization from the runs' config.yaml
+    engine = HFEngine.from_runs(["runs/a"], precision="auto")   # base held in fp32 on a CPU if it fits (PRECISIONS)
     engine.models()                                         # ["a", "b", "tiny-base"]: runs, then the bare base
     engine.load_adapter("c", "runs/c")                      # hot-load another run on the same base
 
