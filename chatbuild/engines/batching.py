@@ -224,7 +224,11 @@ class Scheduler:
             try:
                 with torch.inference_mode():
                     self._drop_finished()
-                    admitted = self._prefill(candidates)
+                    try:
+                        admitted = self._prefill(candidates)
+                    except Exception as e:  # a bug of ours, not a prompt's: these requests fail, not loop
+                        self._fail(e, candidates)
+                        admitted = candidates
                     with self._wake:  # only this thread removes waiting requests; submit() only appends
                         for request in admitted:
                             self._waiting.remove(request)
@@ -256,8 +260,7 @@ class Scheduler:
             return admitted + self._prefill_chunk(head)
         group = []
         for request in candidates:
-            if request.over() or (len(group) + 1) * max(len(request.prompt), *(len(r.prompt) for r in group)) \
-                    > self.prefill_tokens:
+            if request.over() or (len(group) + 1) * max(len(r.prompt) for r in [*group, request]) > self.prefill_tokens:
                 break
             group.append(request)
         return admitted + self._prefill_together(group)
