@@ -278,11 +278,11 @@ def test_prompts_joining_at_different_times_reply_like_plain_generate(engine, ru
         with engine._lock:  # the next two arrive together, while a step runs
             threads[2].start()
             threads[3].start()
-            wait_until(lambda: engine.active >= 3)
+            wait_until(lambda: len(scheduler._waiting) == 2)
+        for t in threads:
+            t.join(timeout=120)
     finally:
         scheduler.forward = forward
-    for t in threads:
-        t.join(timeout=120)
     assert replies == expected
     assert any(shape[0] >= 3 and shape[1] == 1 for shape in steps), f"rows should have shared steps: {steps}"
 
