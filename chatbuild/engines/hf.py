@@ -94,8 +94,9 @@ class HFEngine:
 
         device = device or default_device()
         trained_quant = quant  # what runs on this base must name, whatever precision serves it
-        if precision is not None:
-            quant, compute_dtype = PRECISIONS[choose_precision(precision, base, device)]
+        chosen = precision and choose_precision(precision, base, device)
+        if chosen and chosen != quant:  # nf4 for a base trained in nf4 keeps its own compute dtype
+            quant, compute_dtype = PRECISIONS[chosen]
         model = load_base_model(base, revision, quant, double_quant, compute_dtype, device, trust_remote_code,
                                 quant_storage=quant_storage)
         tokenizer = load_tokenizer(base, revision, trust_remote_code)
