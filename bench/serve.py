@@ -2,8 +2,17 @@
 
     .venv/bin/python bench/serve.py --tiny              # CPU, tiny base (~2 min on 2 cores)
     .venv/bin/python bench/serve.py --shape llama-7b    # GPU: 7B-shaped random NF4 base + rank-64 adapters
+    .venv/bin/python bench/serve.py --base smollm2      # CPU: a real model (any local folder) in nf4, bf16, fp32
 
-Writes bench/results/serve-<device>-<date>.json (device: cpu, or the GPU's name).
+Writes bench/results/serve-<device>-<date>.json (device: cpu, or the GPU's name), with --base
+serve-cpu-<base>-<date>.json.
+
+`--base PATH|smollm2` (a model folder, a .gguf file or a short name from `chatbuild.bases`) runs, for
+each `--quant` precision in turn (default nf4 bf16 fp32, as `chatbuild serve --quant` loads them): the
+base's memory (its weights' bytes, the process's resident memory after loading), plain `generate` and
+the engine at batch 1, and the engine through the HTTP API at 1, 8 and 32 clients (continuous
+batching only), with rank-8 random adapters a and b as below. Defaults: 32 new tokens, 3 trials.
+A real model emits EOS, so a reply may end before `max_tokens`: tok/s counts the tokens made.
 
 The model: a base with random weights in NF4 (double quantization), with two random LoRA adapters
 (A and B both random, so they change every output) made in memory with PEFT; requests rotate over
@@ -106,8 +115,9 @@ def plain_generate(model, ids: list[int], new_tokens: int, trials: int) -> dict:
         sync()
         start = time.perf_counter()
         with torch.inference_mode():
+            # use_cache: chatbuild's loader turns the config's off (training); a plain user's model has it on
             model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
-                           min_new_tokens=n, pad_token_id=0)
+                           min_new_tokens=n, pad_token_id=0, use_cache=True)
         sync()
         return time.perf_counter() - start
 
@@ -281,61 +291,148 @@ def main() -> int:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--tiny", action="store_true", help="CPU: the tiny base with random weights")
     which.add_argument("--shape", help="GPU: a named shape from chatbuild.shapes, e.g. llama-7b")
-    p.add_argument("--rank", type=int, help="LoRA rank of the adapters (8 tiny, 64 shape)")
-    p.add_argument("--max-tokens", type=int, help="new tokens per request (32 tiny, 128 shape)")
-    p.add_argument("--clients", type=int, nargs="+", default=list(CONCURRENCY), help="concurrent clients to try")
+    which.add_argument("--base", help="CPU: a local model folder, a .gguf file or smollm2, at each --quant")
+    p.add_argument("--quant", nargs="+", default=["nf4", "bf16", "fp32"],
+                   help="with --base: the serving precisions to compare (nf4, bf16, fp32)")
+    p.add_argument("--rank", type=int, help="LoRA rank of the adapters (8 tiny and base, 64 shape)")
+    p.add_argument("--max-tokens", type=int, help="new tokens per request (32 tiny and base, 128 shape)")
+    p.add_argument("--clients", type=int, nargs="+", help="concurrent clients to try (default 1 8 32 64; base 1 8 32)")
     p.add_argument("--requests-per-client", type=int, default=1)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
-    p.add_argument("--out", type=Path, help="result file (default bench/results/serve-<device>-<date>.json)")
+    p.add_argument("--out", type=Path, help="result file (default bench/results/serve-<device>[-<base>]-<date>.json)")
     args = p.parse_args()
 
     import torch
 
-    from chatbuild.engines.hf import HFEngine
-    from chatbuild.templates import ChatFormat, prompt_ids
+    from chatbuild.engines.hf import PRECISIONS
 
+    for precision in args.quant:
+        if precision not in PRECISIONS:
+            p.error(f"--quant: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
-    rank = args.rank or (8 if args.tiny else 64)
-    max_tokens = args.max_tokens or (32 if args.tiny else 128)
+    args.rank = args.rank or (64 if args.shape else 8)
+    args.max_tokens = args.max_tokens or (128 if args.shape else 32)
+    args.clients = args.clients or ([1, 8, 32] if args.base else list(CONCURRENCY))
     started = time.perf_counter()
-    model, tokenizer, name = tiny_model(rank) if args.tiny else shape_model(args.shape, rank)
-    ids = prompt_ids(ChatFormat(), tokenizer, PROMPT)
-    device = "cpu" if args.tiny else torch.cuda.get_device_name(0).lower().replace("nvidia ", "").split()[0]
-    log(f"{name} on {device}: prompt {len(ids)} tokens, {max_tokens} new tokens per request, adapters rank {rank}")
-
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-              "versions": versions(), "model": name, "adapter_rank": rank, "prompt_tokens": len(ids),
-              "max_tokens": max_tokens, "requests_per_client": args.requests_per_client,
+              "versions": versions(), "adapter_rank": args.rank, "max_tokens": args.max_tokens,
+              "requests_per_client": args.requests_per_client,
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    if args.base:
+        device, label = "cpu", base_label(args.base)
+        result.update(precisions(args, log))
+    else:
+        device = "cpu" if args.tiny else torch.cuda.get_device_name(0).lower().replace("nvidia ", "").split()[0]
+        label = None
+        result.update(synthetic(args, device, log))
+    result["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["total_s"] = round(time.perf_counter() - started, 1)
+    stem = "-".join(["serve", device, *([label] if label else []), datetime.date.today().isoformat()])
+    out = args.out or REPO / "bench" / "results" / f"{stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {out} in {result['total_s']} s")
+    return 0
 
-    result["plain_generate_batch1"] = plain_generate(model, ids, max_tokens, args.trials)
+
+def synthetic(args, device: str, log) -> dict:
+    """--tiny / --shape: a random base, plain generate vs the engine one reply at a time and batched."""
+    from chatbuild.engines.hf import HFEngine
+    from chatbuild.templates import ChatFormat, prompt_ids
+
+    model, tokenizer, name = tiny_model(args.rank) if args.tiny else shape_model(args.shape, args.rank)
+    ids = prompt_ids(ChatFormat(), tokenizer, PROMPT)
+    log(f"{name} on {device}: prompt {len(ids)} tokens, {args.max_tokens} new tokens per request, "
+        f"adapters rank {args.rank}")
+    result = {"model": name, "prompt_tokens": len(ids)}
+    result["plain_generate_batch1"] = plain_generate(model, ids, args.max_tokens, args.trials)
     log(f"plain generate, batch 1: {result['plain_generate_batch1']}")
 
     result["http"] = {}
     for label, max_batch in (("one_at_a_time", 1), ("continuous_batching", max(2, *args.clients))):
         engine = HFEngine.from_model(model, tokenizer, name, adapters={"a": "a", "b": "b"}, max_batch=max_batch)
         if label == "continuous_batching":
-            result["engine_batch1"] = engine_batch1(engine, max_tokens, args.trials)
+            result["engine_batch1"] = engine_batch1(engine, args.max_tokens, args.trials)
             log(f"engine, batch 1: {result['engine_batch1']}")
         log(f"HTTP, max_batch={max_batch}:")
         result["http"][label] = {"max_batch": max_batch,
-                                 "by_clients": http_sweep(engine, args.clients, max_tokens, args.requests_per_client,
-                                                          log)}
+                                 "by_clients": http_sweep(engine, args.clients, args.max_tokens,
+                                                          args.requests_per_client, log)}
         engine.close()  # drops the engine's hold on the model; the next engine serves the same object
 
     one, many = result["http"]["one_at_a_time"]["by_clients"], result["http"]["continuous_batching"]["by_clients"]
     result["speedup_aggregate"] = {str(a["clients"]): round(b["aggregate_tok_s"] / a["aggregate_tok_s"], 2)
                                    for a, b in zip(one, many, strict=True)}
-    result["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    result["total_s"] = round(time.perf_counter() - started, 1)
-    out = args.out or REPO / "bench" / "results" / f"serve-{device}-{datetime.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     log(f"speedup (aggregate tok/s, batching vs one at a time): {result['speedup_aggregate']}")
-    log(f"wrote {out} in {result['total_s']} s")
+    return result
+
+
+# ── --base: a real model at each serving precision ──────────────────────────────────────────
+def base_label(base: str) -> str:
+    """The result file's name for a base: its short name, or its folder's name in lower case."""
+    from chatbuild.bases import SHORT_NAMES
+
+    return base if base in SHORT_NAMES else Path(base).name.lower().removesuffix(".gguf")
+
+
+def precisions(args, log) -> dict:
+    """--base: for each precision, the base loaded that way (with adapters a and b), plain generate vs
+    the engine at batch 1 and through the API at each client count, and the memory it takes."""
+    import gc
+
+    from chatbuild.bases import resolve_base
+    from chatbuild.engines.hf import HFEngine
+    from chatbuild.modeling import load_tokenizer
+    from chatbuild.templates import ChatFormat, prompt_ids
+
+    path = resolve_base(args.base)
+    tokenizer = load_tokenizer(path)
+    ids = prompt_ids(ChatFormat(), tokenizer, PROMPT)
+    name = Path(path).name
+    log(f"{name} on cpu: prompt {len(ids)} tokens, {args.max_tokens} new tokens per request, "
+        f"adapters rank {args.rank}, precisions {' '.join(args.quant)}")
+    result = {"model": name, "base": args.base, "prompt_tokens": len(ids), "by_precision": {}}
+    for precision in args.quant:
+        row = result["by_precision"][precision] = load_at(path, precision, args.rank)
+        model = row.pop("model")
+        log(f"{precision}: weights {row['weights_mb']} MB, resident {row['rss_mb']} MB, loaded in {row['load_s']} s")
+        row["plain_generate_batch1"] = plain_generate(model, ids, args.max_tokens, args.trials)
+        log(f"  plain generate, batch 1: {row['plain_generate_batch1']}")
+        engine = HFEngine.from_model(model, tokenizer, name, adapters={"a": "a", "b": "b"},
+                                     max_batch=max(2, *args.clients))
+        row["engine_batch1"] = engine_batch1(engine, args.max_tokens, args.trials)
+        row["engine_vs_plain_decode"] = round(row["engine_batch1"]["decode_tok_s"]
+                                              / row["plain_generate_batch1"]["decode_tok_s"], 2)
+        log(f"  engine, batch 1: {row['engine_batch1']} ({row['engine_vs_plain_decode']}x plain)")
+        row["http"] = http_sweep(engine, args.clients, args.max_tokens, args.requests_per_client, log)
+        engine.close()
+        del model, engine
+        gc.collect()
+    return result
+
+
+def load_at(path: str, precision: str, rank: int) -> dict:
+    """The base at `path` loaded at `precision` on CPU with adapters a and b; its weights' bytes, the
+    process's resident memory after loading, and the load time."""
+    from chatbuild.engines.hf import PRECISIONS
+    from chatbuild.modeling import load_base_model
+
+    quant, dtype = PRECISIONS[precision]
+    start = time.perf_counter()
+    model = load_base_model(path, None, quant, True, dtype, "cpu", False)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    model = with_adapters(model, rank)
+    return {"model": model, "load_s": round(time.perf_counter() - start, 1), "weights_mb": round(weights / 2**20, 1),
+            "rss_mb": round(resident_bytes() / 2**20, 1)}
+
+
+def resident_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
     return 0
 
 

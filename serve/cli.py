@@ -4,6 +4,7 @@
     chatbuild serve --base huggyllama/llama-7b             # a base alone
     chatbuild serve --base tiny --builder                  # the embedded tiny base (CPU), and the Build tab
     chatbuild serve --base smollm2                         # SmolLM2-135M-Instruct, in its own ChatML template
+    chatbuild serve runs/a --quant nf4                     # serve the base in NF4 (default auto: fp32 on CPU if it fits)
     chatbuild serve --base model.gguf --chat-format chatml # a GGUF file (imported once), prompted in ChatML
     chatbuild serve runs/a --builder --host 0.0.0.0 --ui-auth alice:pw1,bob:pw2 --builder-users alice
     chatbuild serve runs/a --host 0.0.0.0 --port 8000 --api-key "$KEY"    # or env CHATBUILD_API_KEY
@@ -72,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-size", type=int, default=d.queue_size,
                    help=f"requests waiting beyond those; more get 429 (default {d.queue_size})")
     p.add_argument("--device", help="device for the hf engine (default: cuda:LOCAL_RANK, else cpu)")
+    p.add_argument("--quant", metavar="PRECISION",
+                   help="how the hf engine holds the base while serving: nf4, bf16, fp32 or auto (default auto: "
+                        "fp32 on a CPU when the base's fp32 weights take at most 1/4 of the available memory, "
+                        "else nf4; runs' adapters apply at any precision)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -93,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("nothing to serve: give one or more run folders, or --base")
         for r in args.runs:
             load_run(r)  # a missing or broken run folder fails here, with its path
+    if args.quant is not None:
+        if args.engine != "hf":
+            raise UserError("--quant applies to the hf engine, which loads the base in this process")
+        from chatbuild.engines.hf import check_precision
+
+        check_precision(args.quant)
     if args.chat_format is not None:
         if args.engine != "hf":
             raise UserError("--chat-format applies to the hf engine's bare base")
@@ -143,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         engine = open_engine(args.runs, base=args.base, base_name=args.base_name, kind=args.engine,
                              url=args.remote_url, api_key=args.remote_key, device=args.device,
                              max_batch=args.max_running,  # every admitted generation decodes in the batch
-                             chat_format=args.chat_format)
+                             chat_format=args.chat_format, precision=args.quant or "auto")
     try:
         app = create_app(engine, settings, ui=not args.no_ui)
         print(f"chatbuild serve: models {', '.join(engine.models())} on http://{args.host}:{args.port} "

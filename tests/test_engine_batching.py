@@ -218,3 +218,105 @@ def test_seeded_sampling_is_reproducible_alone_and_batched(engine):
     results = together(engine, requests)
     assert results == alone
     assert results[0] == results[-1]  # the same seeded request twice in one batch
+
+
+# ── batched and chunked prefill ─────────────────────────────────────────────────────────────
+@pytest.mark.integration
+def test_prompts_arriving_together_are_prefilled_in_one_pass_and_reply_as_alone(engine):
+    """9 prompts for 3 models queued at once: one prefill pass takes several of them (left-padded, each
+    with its adapter), and every reply is still the one it gets alone."""
+    requests = mixed_requests(engine)
+    alone = [reply(engine, m, msgs, p) for m, msgs, p in requests]
+    before = engine._scheduler.prefill_sizes.copy()
+    assert together(engine, requests) == alone
+    passes = engine._scheduler.prefill_sizes - before
+    assert max(passes) > 1 and sum(k * v for k, v in passes.items()) == len(requests), passes
+
+
+@pytest.mark.integration
+def test_prompts_joining_at_different_times_reply_like_plain_generate(engine, runs, tiny_base):
+    """Four requests start one after another, each once the previous one has made a few tokens, so
+    rows join a batch already decoding (and one arrives with two others at once); each greedy reply
+    equals transformers' `generate` on a model holding only that request's adapter."""
+    import torch
+    from peft import PeftModel
+
+    from chatbuild.modeling import load_base_model, load_tokenizer
+    from chatbuild.templates import ChatFormat, prompt_ids
+
+    requests = [("run-a", PROMPTS[0]), ("run-b", PROMPTS[2]), (tiny_base.name, PROMPTS[1]), ("run-a", PROMPTS[2])]
+    tokenizer = load_tokenizer(str(tiny_base))
+    expected = []
+    for model, messages in requests:
+        reference = load_base_model(str(tiny_base), quant="nf4", compute_dtype="float32", device="cpu")
+        if model != tiny_base.name:
+            reference = PeftModel.from_pretrained(reference, runs[model] / "adapter")
+        ids = prompt_ids(ChatFormat(), tokenizer, messages)
+        out = reference.eval().generate(input_ids=torch.tensor([ids]), do_sample=False,
+                                        max_new_tokens=GREEDY.max_new_tokens)
+        expected.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).split("### Human:")[0].strip())
+
+    scheduler = engine._scheduler
+    forward, steps = scheduler.forward, []
+
+    def counted(*args):
+        steps.append(args[0].shape)
+        return forward(*args)
+
+    replies = [None] * len(requests)
+
+    def read(i):
+        replies[i] = reply(engine, *requests[i])
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(requests))]
+    scheduler.forward = counted
+    try:
+        threads[0].start()
+        wait_until(lambda: len(steps) >= 4)  # the first request has decoded a few tokens
+        threads[1].start()
+        wait_until(lambda: len(steps) >= 8)
+        with engine._lock:  # the next two arrive together, while a step runs
+            threads[2].start()
+            threads[3].start()
+            wait_until(lambda: len(scheduler._waiting) == 2)
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        scheduler.forward = forward
+    assert replies == expected
+    assert any(shape[0] >= 3 and shape[1] == 1 for shape in steps), f"rows should have shared steps: {steps}"
+
+
+@pytest.mark.integration
+def test_a_long_prompt_is_prefilled_in_chunks_while_a_running_reply_goes_on(engine):
+    """With `prefill_tokens` 8, no forward pass takes more than 8 tokens a row: a long prompt arriving
+    while another reply decodes is prefilled 8 tokens at a time, between the running reply's steps,
+    and both replies are the ones they get alone."""
+    from chatbuild.engines.batching import PREFILL_TOKENS
+
+    long_alone = reply(engine, "run-b", PROMPTS[2])
+    short_alone = reply(engine, "run-a", PROMPTS[0], GenerationParams(temperature=0, max_new_tokens=40))
+    scheduler = engine._scheduler
+    forward, shapes = scheduler.forward, []
+
+    def recorded(*args):
+        shapes.append(tuple(args[0].shape))
+        return forward(*args)
+
+    replies = {}
+    scheduler.forward, scheduler.prefill_tokens = recorded, 8
+    try:
+        short = threading.Thread(target=lambda: replies.update(
+            short=reply(engine, "run-a", PROMPTS[0], GenerationParams(temperature=0, max_new_tokens=40))))
+        short.start()
+        wait_until(lambda: len(shapes) >= 3)
+        start = len(shapes)
+        replies["long"] = reply(engine, "run-b", PROMPTS[2])
+        short.join(timeout=120)
+    finally:
+        scheduler.forward, scheduler.prefill_tokens = forward, PREFILL_TOKENS
+    assert replies == {"short": short_alone, "long": long_alone}
+    assert max(width for _, width in shapes) <= 8, shapes
+    chunks = [i for i in range(start, len(shapes)) if shapes[i][1] > 1]
+    assert len(chunks) >= 3, f"the long prompt should have come in several chunks: {shapes}"
+    assert any(shapes[i] == (1, 1) for i in range(chunks[1], chunks[-1])), "the running reply should step between chunks"

@@ -87,11 +87,13 @@ def plain_transformers_replies(base: Path) -> dict[str, str]:
 @pytest.mark.integration
 def test_bare_smollm2_is_served_in_its_own_template_and_equals_plain_transformers(smollm2_home, smollm2_base, tmp_path):
     """`chatbuild serve --base smollm2` finds the session's import (same CHATBUILD_HOME) and prompts the
-    bare base in its ChatML template (it used to get Guanaco's "### Human:" lines): the greedy replies to
+    bare base in its ChatML template (it used to get Guanaco's "### Human:" lines): served in NF4 (on a
+    CPU `auto` would pick fp32, whose replies are their own), the greedy replies to
     a system-prompted and a multi-turn conversation equal plain transformers' token for token, end with
     finish_reason "stop" at the end of the turn, and carry no <|im_start|>/<|im_end|>."""
     log = tmp_path / "serve.log"
-    with chatbuild_serve("--base", "smollm2", env={"CHATBUILD_HOME": str(smollm2_home)}, log=log) as url:
+    with chatbuild_serve("--base", "smollm2", "--quant", "nf4", env={"CHATBUILD_HOME": str(smollm2_home)},
+                         log=log) as url:
         [model] = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
         served = {}
         for name, messages in CONVERSATIONS.items():
@@ -109,6 +111,66 @@ def test_bare_smollm2_is_served_in_its_own_template_and_equals_plain_transformer
     assert "Paris" in served["system prompt"] and "Rome" in served["multi-turn"]
     for reply in served.values():
         assert "<|im_start|>" not in reply and "<|im_end|>" not in reply and "### Human" not in reply
+
+
+@pytest.mark.integration
+def test_smollm2_engine_replies_equal_plain_generate_for_prompts_joining_at_different_times(smollm2_base):
+    """The in-process engine on SmolLM2 in fp32 (what `--quant auto` picks on a CPU): three
+    conversations start one after another while the earlier ones decode, two of them arriving together
+    (one batched prefill); each greedy reply equals plain transformers `generate` on the same fp32 model,
+    prompted with the tokenizer's chat template."""
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatbuild.engines import GenerationParams
+    from chatbuild.engines.hf import HFEngine
+
+    story = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]  # a long reply, first
+    conversations = [story, *CONVERSATIONS.values()]
+    model = AutoModelForCausalLM.from_pretrained(smollm2_base, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_base)
+    expected = []
+    for messages in conversations:
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=24)
+        expected.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    del model
+
+    engine = HFEngine.from_runs([], base=str(smollm2_base), precision="fp32")
+    try:
+        assert engine.precision == "fp32"
+        params = GenerationParams(temperature=0, max_new_tokens=24)
+        calls, replies = [], [None] * len(conversations)
+        forward = engine._scheduler.forward
+
+        def counted(*args):
+            calls.append(tuple(args[0].shape))
+            return forward(*args)
+
+        def read(i):
+            replies[i] = "".join(c.text for c in engine.stream(conversations[i], params, engine.base_name))
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(len(conversations))]
+        engine._scheduler.forward = counted
+        threads[0].start()
+        wait = time.monotonic() + 120
+        while len(calls) < 4 and time.monotonic() < wait:  # the first reply has a few tokens
+            time.sleep(0.01)
+        with engine._lock:  # the other two arrive together, while a step runs
+            threads[1].start()
+            threads[2].start()
+            while len(engine._scheduler._waiting) < 2 and time.monotonic() < wait:  # both queued
+                time.sleep(0.01)
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        engine.close()
+    assert replies == expected
+    assert engine._scheduler.prefill_sizes[2] >= 1, f"the two should have been prefilled together: {calls}"
+    assert any(shape == (3, 1) for shape in calls), f"the three should have shared decode steps: {calls}"
 
 
 # ── the demo's fine-tune on SmolLM2, shortened ──────────────────────────────────────────────────

@@ -6,9 +6,11 @@
 
 One background thread owns the decoding. Each iteration it
   1. drops rows whose reply is over (finished, cancelled, or abandoned by their reader);
-  2. admits waiting requests, up to `max_batch` rows: each new prompt is prefilled alone (batch 1, no
-     padding, its own adapter) into a fresh `DynamicCache`, its first token is sampled from the prefill
-     logits, and its cache is merged into the running batch's cache;
+  2. admits waiting requests, up to `max_batch` rows and `prefill_tokens` prompt tokens a step: the
+     first waiting prompts are prefilled together in one left-padded pass (each row its own adapter and
+     position ids) into a fresh `DynamicCache`, or a prompt longer than `prefill_tokens` one chunk at a
+     time, alone, over several steps; each row's first token is sampled from the prefill logits, and
+     the prefilled cache is merged into the running batch's cache;
   3. runs ONE forward pass over all rows (one new token each), with PEFT's `adapter_names` giving each
      row its own adapter ("__base__" = the bare base), so requests for different runs share a batch;
   4. samples every row with that row's own picker (its temperature, top-p/k, penalty, seeded
@@ -35,10 +37,18 @@ The scheduler knows tokens, not text: its events are (token, finish) pairs, and 
 turns tokens into text and checks stop strings (which keeps the tokenizer work off the decode thread);
 a reader that has seen enough sets `request.abandoned` and the row leaves at the next step.
 
-Where a faster decode path goes (issue 11a, GPU only): `KVBatch` + `forward` are the whole interface
+Prefill is bounded so that running rows wait for at most one pass of `prefill_tokens` tokens (256) between
+two steps: 32 prompts arriving together take a few batched passes instead of 32, and a 4,000-token
+prompt joins after 16 chunks while the others keep decoding. A batched prefill that fails is retried
+prompt by prompt, so a prompt that cannot run fails alone.
+
+Where a faster decode path goes (issues 11a and 22): `KVBatch` + `forward` are the whole interface
 between the scheduler and the model. A static, preallocated cache with fixed batch slots (rows take a
 free slot instead of concatenating) and a CUDA-graph-captured or `torch.compile`d decode step can
-replace them without touching admission, sampling or the readers.
+replace them without touching admission, sampling or the readers. Not done yet: on a 2-core CPU with
+SmolLM2-135M in fp32, 83% of a batch-1 step is `aten::mm` (torch profiler, 2026-12-02), so the step is
+bound by the matrix products, not by Python or the cache copies, and a compiled step could save at
+most the rest; on a GPU, where launches dominate, it is the next step.
 """
 
 import threading
@@ -69,6 +79,8 @@ class Request:
     length: int = 0  # real tokens in the cache for this row
     next_token: int | None = None  # sampled, not yet fed to the model
     done: bool = False
+    cache: object = None  # a long prompt's own cache while it is prefilled chunk by chunk
+    prefilled: int = 0  # prompt tokens in `cache` so far
 
     def over(self) -> bool:
         return self.done or self.abandoned or (self.cancel is not None and self.cancel.is_set())
@@ -92,15 +104,21 @@ class KVBatch:
         """Append a row whose own (batch-1, unpadded) cache holds `length` tokens."""
         import torch
 
-        row_mask = torch.ones(1, length, dtype=torch.long, device=cache.layers[0].keys.device)
+        self.join_rows(cache, torch.ones(1, length, dtype=torch.long, device=cache.layers[0].keys.device))
+
+    def join_rows(self, cache, mask) -> None:
+        """Append the rows of a left-padded `cache` whose real tokens `mask` [rows, T] marks (a batched
+        prefill's); its padded positions must hold zeros (`zero_padding`)."""
+        import torch
+
         if self.cache is None:
-            self.cache, self.mask = cache, row_mask
+            self.cache, self.mask = cache, mask
             return
-        width = max(self.mask.shape[1], length)
+        width = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
             mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(row_mask, width, 1)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows` (indices, in order); trim leading columns no remaining row uses."""
@@ -125,6 +143,17 @@ class KVBatch:
         return self.mask
 
 
+def zero_padding(cache, mask) -> None:
+    """Zero the keys and values at the padded positions of a left-padded prefill's cache. They are
+    masked out of every later step, but a padded query attends to nothing, and whatever the attention
+    kernel makes of that (NaN, where a fully masked softmax is 0/0) must not sit in the cache: a masked
+    key has weight 0, and 0 x NaN is NaN."""
+    hidden = (mask == 0)[:, None, :, None]
+    for layer in cache.layers:
+        layer.keys.masked_fill_(hidden, 0)
+        layer.values.masked_fill_(hidden, 0)
+
+
 def _pad_left(t, width: int, dim: int):
     import torch.nn.functional as F
 
@@ -135,15 +164,22 @@ def _pad_left(t, width: int, dim: int):
     return F.pad(t, pad)
 
 
+PREFILL_TOKENS = 256  # the most prompt tokens (padding included) prefilled between two decode steps
+
+
 class Scheduler:
     """The decode thread (see the module docstring). `forward(input_ids, attention_mask, position_ids,
     cache, adapters)` runs the model (the engine adds its lock and PEFT's `adapter_names`) and
     returns its output; `device` is where input tensors go."""
 
-    def __init__(self, forward: Callable, device, max_batch: int = 16):
+    def __init__(self, forward: Callable, device, max_batch: int = 16, prefill_tokens: int = PREFILL_TOKENS):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         self.forward, self.device, self.max_batch = forward, device, max_batch
+        self.prefill_tokens = prefill_tokens
+        self.prefill_sizes: Counter = Counter()  # prefill passes by number of prompts, for tests and benchmarks
         self.batch_sizes: Counter = Counter()  # decode steps by number of rows, for tests and benchmarks
         self._waiting: list[Request] = []
         self._rows: list[Request] = []
@@ -184,13 +220,18 @@ class Scheduler:
                 for request in [r for r in self._waiting if r.over()]:  # given up while waiting for a row
                     self._waiting.remove(request)
                     self._finish(request, None, "cancelled")
-                joining = self._waiting[:self.max_batch - len(self._rows)]
-                del self._waiting[:len(joining)]
+                candidates = self._waiting[:self.max_batch - len(self._rows)]
             try:
                 with torch.inference_mode():
                     self._drop_finished()
-                    for request in joining:
-                        self._admit(request)
+                    try:
+                        admitted = self._prefill(candidates)
+                    except Exception as e:  # a bug of ours, not a prompt's: these requests fail, not loop
+                        self._fail(e, candidates)
+                        admitted = candidates
+                    with self._wake:  # only this thread removes waiting requests; submit() only appends
+                        for request in admitted:
+                            self._waiting.remove(request)
                     self._drop_finished()
                     if self._rows:
                         self._decode()
@@ -198,25 +239,95 @@ class Scheduler:
                 self._fail(e, self._rows)
                 self._rows, self._kv = [], KVBatch()
 
-    def _admit(self, request: Request) -> None:
+    def _prefill(self, candidates: list[Request]) -> list[Request]:
+        """Prefill what `prefill_tokens` allows of the waiting `candidates` (first come, first served)
+        and return the requests done waiting: joined, failed, or over. Either the first one is a long
+        prompt, and its next chunk of `prefill_tokens` tokens is prefilled alone (it joins after its last
+        chunk), or the first prompts whose padded batch fits are prefilled together in one pass. Either
+        way the running rows wait for at most one pass of `prefill_tokens` tokens before their next step."""
+        admitted = []
+        for request in candidates:
+            if not request.over():
+                break
+            request.cache = None  # a long prompt given up between its chunks
+            self._finish(request, None, "cancelled")
+            admitted.append(request)
+        candidates = candidates[len(admitted):]
+        if not candidates:
+            return admitted
+        head = candidates[0]
+        if head.prefilled or len(head.prompt) > self.prefill_tokens:
+            return admitted + self._prefill_chunk(head)
+        group = []
+        for request in candidates:
+            if request.over() or (len(group) + 1) * max(len(r.prompt) for r in [*group, request]) > self.prefill_tokens:
+                break
+            group.append(request)
+        return admitted + self._prefill_together(group)
+
+    def _prefill_together(self, group: list[Request]) -> list[Request]:
+        """One forward pass over whole prompts, left-padded like the decode batch (each row's position
+        ids count its own tokens, the mask hides the padding), each row with its adapter; each row's
+        first token is sampled and the rows join the batch. If the pass fails, each prompt is tried
+        alone, so a prompt that cannot run fails by itself."""
         import torch
         from transformers import DynamicCache
 
-        if request.over():
-            self._finish(request, None, "cancelled")
-            return
+        width = max(len(r.prompt) for r in group)
+        ids = torch.tensor([[0] * (width - len(r.prompt)) + r.prompt for r in group], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in group], device=self.device)
+        cache = DynamicCache()  # a full-attention cache, whatever the model's config says: rows merge simply
         try:
-            ids = torch.tensor([request.prompt], device=self.device)
-            cache = DynamicCache()  # a full-attention cache, whatever the model's config says: rows merge simply
-            out = self.forward(ids, torch.ones_like(ids), None, cache, [request.adapter])
-            request.seen, request.length = ids, len(request.prompt)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0) if len(group) > 1 else None
+            out = self.forward(ids, mask, positions, cache, [r.adapter for r in group])
+        except Exception as e:
+            if len(group) > 1:
+                return [r for request in group for r in self._prefill_together([request])]
+            self._fail(e, group)
+            return group
+        self.prefill_sizes[len(group)] += 1
+        zero_padding(cache, mask)
+        logits = out.logits[:, -1, :].float()
+        for i, request in enumerate(group):
+            request.seen, request.length = ids[i:i + 1, width - len(request.prompt):], len(request.prompt)
+            try:
+                self._sample(request, logits[i:i + 1])
+            except Exception as e:  # this row's sampling failed: it ends alone and leaves at once
+                self._fail(e, [request])
+        self._rows.extend(group)  # rows already done leave at the next `_drop_finished`
+        self._kv.join_rows(cache, mask)
+        return group
+
+    def _prefill_chunk(self, request: Request) -> list[Request]:
+        """The next `prefill_tokens` tokens of a long prompt, alone, into its own cache; after the last
+        chunk its first token is sampled and it joins the batch. Returns [request] once it is done waiting."""
+        import torch
+        from transformers import DynamicCache
+
+        start = request.prefilled
+        end = min(len(request.prompt), start + self.prefill_tokens)
+        try:
+            if request.cache is None:
+                request.cache = DynamicCache()
+            ids = torch.tensor([request.prompt[start:end]], device=self.device)
+            positions = torch.arange(start, end, device=self.device)[None] if start else None
+            out = self.forward(ids, torch.ones(1, end, dtype=torch.long, device=self.device), positions,
+                               request.cache, [request.adapter])
+            request.prefilled = end
+            if end < len(request.prompt):
+                return []
+            self.prefill_sizes[1] += 1
+            request.seen, request.length = torch.tensor([request.prompt], device=self.device), end
             self._sample(request, out.logits[:, -1, :].float())
         except Exception as e:  # this prompt failed alone: the batch goes on
+            request.cache = None
             self._fail(e, [request])
-            return
+            return [request]
+        cache, request.cache = request.cache, None
         if not request.done:
             self._rows.append(request)
             self._kv.join(cache, request.length)
+        return [request]
 
     def _decode(self) -> None:
         import torch

@@ -1,6 +1,7 @@
-"""The in-process engine: one quantized base, several run adapters, chosen per request.
+"""The in-process engine: one base, several run adapters, chosen per request.
 
     engine = HFEngine.from_runs(["runs/a", "runs/b"])      # base and quantization from the runs' config.yaml
+    engine = HFEngine.from_runs(["runs/a"], precision="auto")   # base held in fp32 on a CPU if it fits (PRECISIONS)
     engine.models()                                         # ["a", "b", "tiny-base"]: runs, then the bare base
     engine.load_adapter("c", "runs/c")                      # hot-load another run on the same base
 
@@ -81,15 +82,21 @@ class HFEngine:
     def __init__(self, base: str, *, revision: str | None = None, quant: str = "nf4", double_quant: bool = True,
                  compute_dtype: str = "auto", quant_storage: str = "uint8", trust_remote_code: bool = False,
                  device: str | None = None, base_name: str | None = None, chat_format: ChatFormat | str | None = None,
-                 max_prompt_tokens: int | None = None, max_batch: int = 16):
-        """Load the base model (quantized as asked) and serve it bare under `base_name` (default: the
-        base's folder name or hub id). Adapters come with `load_adapter`. `chat_format` is how the bare
-        base is prompted: a ChatFormat, a registry name or .jinja file (`chatbuild.templates`), or None
-        for the base's own chat template when it has one, else Guanaco; `max_prompt_tokens` caps prompts
-        below the context window; `max_batch` is the most replies decoded in one forward pass (1: one
-        reply at a time)."""
-        from chatbuild.modeling import load_base_model, load_tokenizer
+                 max_prompt_tokens: int | None = None, max_batch: int = 16, precision: str | None = None):
+        """Load the base model and serve it bare under `base_name` (default: the base's folder name or
+        hub id). Adapters come with `load_adapter`. `quant` and the settings after it are how runs on
+        this base were trained; `precision` is how the base is held while serving (`PRECISIONS`; None:
+        as trained). `chat_format` is how the bare base is prompted: a ChatFormat, a registry name or
+        .jinja file (`chatbuild.templates`), or None for the base's own chat template when it has one,
+        else Guanaco; `max_prompt_tokens` caps prompts below the context window; `max_batch` is the
+        most replies decoded in one forward pass (1: one reply at a time)."""
+        from chatbuild.modeling import default_device, load_base_model, load_tokenizer
 
+        device = device or default_device()
+        trained_quant = quant  # what runs on this base must name, whatever precision serves it
+        chosen = precision and choose_precision(precision, base, device)
+        if chosen and chosen != quant:  # nf4 for a base trained in nf4 keeps its own compute dtype
+            quant, compute_dtype = PRECISIONS[chosen]
         model = load_base_model(base, revision, quant, double_quant, compute_dtype, device, trust_remote_code,
                                 quant_storage=quant_storage)
         tokenizer = load_tokenizer(base, revision, trust_remote_code)
@@ -99,7 +106,8 @@ class HFEngine:
         # What a run must be trained on to be served here (`LoadsAdapters`): the key of a run on this base.
         # Double quantization is a 4-bit feature; a run's config records it off for int8 and none.
         self.base_key = _base_key(ModelSettings(
-            base=base, revision=revision, quant=quant, double_quant=double_quant and quant in ("nf4", "fp4"),
+            base=base, revision=revision, quant=trained_quant,
+            double_quant=double_quant and trained_quant in ("nf4", "fp4"),
             quant_storage=quant_storage, compute_dtype=compute_dtype, trust_remote_code=trust_remote_code))
 
     @classmethod
@@ -120,6 +128,7 @@ class HFEngine:
                max_batch: int) -> None:
         self.model = model
         self.model.eval()
+        self.precision = precision_of(model)  # how the base is held: nf4, bf16, fp32, ...
         self.device = next(self.model.parameters()).device
         self.context_window = getattr(self.model.config, "max_position_embeddings", None)
         self.max_prompt_tokens = max_prompt_tokens
@@ -140,15 +149,16 @@ class HFEngine:
     @classmethod
     def from_runs(cls, runs: Sequence[str | Path] = (), *, base: str | None = None, base_name: str | None = None,
                   chat_format: str | None = None, device: str | None = None, max_prompt_tokens: int | None = None,
-                  max_batch: int = 16) -> "HFEngine":
+                  max_batch: int = 16, precision: str | None = None) -> "HFEngine":
         """An engine serving run folders on their shared base, plus the bare base.
 
         All runs must name the same base, revision and quantization (one base per engine: start one
         server per base otherwise); the first run's remaining model settings (double quantization,
         compute dtype) are the engine's. `base` replaces the base path the runs name (e.g. a local copy of
         the same model); with no runs it is the base to serve alone. `chat_format` is how the bare base
-        is prompted (see `__init__`); each run is prompted in its own format. Model names are the runs'
-        `config.name`, made unique with a -2, -3, ... suffix."""
+        is prompted (see `__init__`); each run is prompted in its own format; `precision` is how the
+        base is held while serving (`PRECISIONS`; None: as the runs were trained). Model names are the
+        runs' `config.name`, made unique with a -2, -3, ... suffix."""
         from chatbuild.config import ModelSettings
 
         loaded = [load_run(r) for r in runs]
@@ -165,7 +175,7 @@ class HFEngine:
         engine = cls(base or m.base, revision=m.revision, quant=m.quant, double_quant=m.double_quant,
                      compute_dtype=m.compute_dtype, quant_storage=m.quant_storage, trust_remote_code=m.trust_remote_code,
                      device=device, base_name=base_name, chat_format=chat_format,
-                     max_prompt_tokens=max_prompt_tokens, max_batch=max_batch)
+                     max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, precision=precision)
         if loaded:
             engine.base_key = loaded[0].base_key()  # what later runs must name, even when `base` moved it
         for run in loaded:
@@ -411,6 +421,85 @@ class ReplyText:
     def flush(self) -> str:
         """The rest of the reply, once no more tokens come."""
         return self._release(self._text().rstrip())
+
+
+# ── serving precision ───────────────────────────────────────────────────────────────────────
+# How the base is held while serving, apart from how the run was trained: QLoRA trains the adapter
+# against an NF4 base, but the adapter is a difference of 16/32-bit weights and applies to the base at
+# any precision. On a CPU, NF4 costs more than it saves for small bases: its kernel dequantizes every
+# weight at every step (bench/serve.py --base measures it), so serving dequantized is faster, memory
+# allowing. Greedy replies at each precision are that precision's own (rounding differs).
+PRECISIONS = {"nf4": ("nf4", "auto"), "bf16": ("none", "bfloat16"), "fp32": ("none", "float32")}
+CPU_RAM_SHARE = 4  # `auto` holds the base in fp32 on a CPU when that takes at most 1/4 of available RAM
+
+
+def check_precision(name: str, where: str = "--quant") -> str:
+    """`name` if it is a serving precision or "auto"; else a one-line UserError naming `where`."""
+    if name not in (*PRECISIONS, "auto"):
+        raise UserError(f'{where}: "{name}" is not a serving precision; use {", ".join(PRECISIONS)} or auto')
+    return name
+
+
+def choose_precision(name: str, base: str, device: str) -> str:
+    """The precision `name` means for `base` on `device`. "auto": on a CPU, fp32 when the base's
+    weights in fp32 take at most 1/CPU_RAM_SHARE of the available memory (the fastest there: CPU
+    matmuls in fp32, no dequantizing), else nf4; on a GPU, nf4 (the memory QLoRA was chosen for; a
+    measured GPU rule is future work). A base whose size cannot be read here (a hub id) gets nf4."""
+    check_precision(name)
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        return "nf4"
+    params = parameter_count(base)
+    if params is None:
+        return "nf4"
+    return "fp32" if params * 4 * CPU_RAM_SHARE <= available_memory() else "nf4"
+
+
+def parameter_count(base: str) -> int | None:
+    """The number of weights in a local base folder, from its .safetensors headers (nothing loaded);
+    None when `base` is not a local folder with safetensors files."""
+    import math
+
+    from safetensors import safe_open
+
+    folder = Path(base).expanduser()
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), "pt") as weights:  # reads the header only
+            total += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+    return total
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux MemAvailable; else the physical total)."""
+    import os
+
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def precision_of(model) -> str:
+    """How a loaded model holds its base weights: "nf4"/"fp4" (bitsandbytes 4-bit), "int8", or the
+    dtype of its floating-point weights ("fp32", "bf16", "fp16")."""
+    import torch
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            return module.weight.quant_type
+        if isinstance(module, Linear8bitLt):
+            return "int8"
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 # ── helpers ─────────────────────────────────────────────────────────────────────────────────
