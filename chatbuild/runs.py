@@ -13,7 +13,11 @@ the job manager read it back through it; no other module knows the file names be
     loss.png             training and validation loss curves (and, for preference objectives, reward
                          accuracy and margin)
     checkpoints/         resumable states: step-N/ with adapter, optimizer, scheduler, RNG
-    README.md            model card: base, objective, data, hyperparameters, final metrics
+    README.md            model card: Hub metadata (YAML front matter), base, objective, data,
+                         hyperparameters, final metrics, how to load it with plain PEFT
+    tensorboard/, mlruns/, wandb/
+                         experiment trackers' own files, when `train.report_to` names them
+                         (`TRACKING_DIRS`; chatbuild.tracking writes them)
 
 The base model is referenced (id or path, plus revision) in config.yaml, never copied.
 
@@ -39,8 +43,11 @@ RUN_FILES = ("config.yaml", "adapter", "tokenizer", "chat_format.json", "metrics
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # What makes a run folder servable, so finished: the one definition every module uses (`is_run`).
 FINISHED_FILES = ("config.yaml", "chat_format.json", "tokenizer", *(f"adapter/{a}" for a in ADAPTER_FILES))
+# Where each experiment tracker of `train.report_to` keeps its files inside the run folder.
+TRACKING_DIRS = {"tensorboard": "tensorboard", "mlflow": "mlruns", "wandb": "wandb"}
 # Train settings a resumed run may change: how long it trains and how often it logs, evaluates and saves.
-RESUMABLE_CHANGES = {"steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "chunked_loss"}
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "chunked_loss",
+                     "report_to"}
 
 
 # ── reading a finished run ──────────────────────────────────────────────────────────────────────
@@ -279,6 +286,13 @@ def _restoring(file: Path):
     except (KeyError, TypeError, ValueError, IndexError) as e:
         why = " ".join(str(e).split())
         raise UserError(f"{file}: not a state this run can resume from ({type(e).__name__}: {why})") from None
+
+
+# ── experiment trackers ─────────────────────────────────────────────────────────────────────────
+def tracking_dir(run_dir: str | Path, tracker: str) -> Path:
+    """The folder `tracker` (a `TRACKING_DIRS` name) writes in the run folder: tensorboard's event
+    files, mlflow's local file store, wandb's offline runs."""
+    return Path(run_dir) / TRACKING_DIRS[tracker]
 
 
 # ── metrics ─────────────────────────────────────────────────────────────────────────────────────
