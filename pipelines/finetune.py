@@ -249,7 +249,7 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
 
     # ── save the run folder ──
     if main_process:
-        runs.write_model_card(run_dir, cfg, history, report=objective.report, **objective.card())
+        runs.write_model_card(run_dir, cfg, history, report=objective.report, stop=fmt.stop, **objective.card())
         runs.save_final(run_dir, model, tokenizer, fmt)  # chat_format.json last: from here on the run is finished
         say(f"done: run folder {run_dir}")
     if world > 1:
