@@ -110,3 +110,16 @@ def test_wandb_offline_run_holds_every_metrics_row_and_the_config(tracked_run):
     assert got == expected_series(tracked_run)
     config = next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
     assert config["run_dir"] == str(tracked_run.resolve()) and config["train.steps"] == 6
+
+
+def test_the_build_tab_names_a_jobs_tensorboard_folder_only_when_it_has_one(tmp_path):
+    pytest.importorskip("gradio")
+    from serve.jobs import Job
+    from serve.ui_build import _job_view
+
+    job = Job(id=1, name="t", preset=None, overrides=[], run_dir=str(tmp_path), device="cpu", status="done", pid=None,
+              resume=False, cancel=False, log_path=str(tmp_path / "log"), error=None, created=0, started=0, finished=0)
+    board = runs.tracking_dir(tmp_path, "tensorboard")
+    assert "tensorboard" not in _job_view(None, 1, [job])[1]
+    board.mkdir()
+    assert f"tensorboard: `tensorboard --logdir {board}`" in _job_view(None, 1, [job])[1]
