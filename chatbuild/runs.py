@@ -385,6 +385,7 @@ def plot_loss(run_dir: Path, history: list[dict], train: str = "loss", ylabel: s
 # The model card's "how to load it" section sits between these markers, so `hub_card` can point it
 # at a Hub repository instead of this machine's folders (HTML comments: the Hub renders nothing).
 LOAD_START, LOAD_END = "<!-- chatbuild:load -->", "<!-- /chatbuild:load -->"
+USE_HEADING = "## Use with chatbuild"  # the card's last section: commands on this machine's run folder
 
 
 def card_metadata(cfg: RunConfig, merged: bool = False) -> dict:
@@ -492,7 +493,7 @@ def write_model_card(run_dir: Path, cfg: RunConfig, history: list[dict], *, obje
     lines += ["", "![loss](loss.png)", "",
               *_load_section(snippet, "The adapter was trained on the base quantized to "
                              f"{m.quant}; this loads the base unquantized, which gives nearly the same replies."),
-              "", "## Use with chatbuild", "", "```bash", f"chatbuild chat {run_dir}",
+              "", USE_HEADING, "", "```bash", f"chatbuild chat {run_dir}",
               f"chatbuild serve {run_dir}", "```", "", "Full configuration: `config.yaml`. Data report: " + str(report), ""]
     (run_dir / "README.md").write_text("\n".join(lines))
 
@@ -500,22 +501,40 @@ def write_model_card(run_dir: Path, cfg: RunConfig, history: list[dict], *, obje
 def hub_card(run: Run, repo_id: str, merged: bool = False) -> str:
     """The run's README.md as it goes to the Hub repository `repo_id` (`chatbuild push`): front matter
     for an adapter or a `merged` model, and its load section loading from the repository (the base by
-    its hub id where known) instead of from this machine's folders."""
+    its hub id where known) instead of from this machine's folders, and without the last section's
+    commands on the local run folder."""
     text = (run.path / "README.md").read_text()
     if text.startswith("---\n"):  # replace the front matter
         text = text.split("\n---\n", 1)[1]
-    stop = run.chat_format.stop
+    stop, base = run.chat_format.stop, hub_metadata_base(run.config)
     if merged:
         code = merged_snippet(repo_id, stop)
-        note = f"The adapter merged into `{run.base}` in 16 bits: an ordinary transformers model."
+        note = f"The adapter merged into `{base}` in 16 bits: an ordinary transformers model."
     else:
-        base = hub_metadata_base(run.config)
         code = load_snippet(base, repo_id, repo_id, stop)
         note = f"The adapter was trained on `{base}` quantized to {run.config.model.quant}; this loads the base unquantized."
     if LOAD_START in text and LOAD_END in text:
         head, rest = text.split(LOAD_START, 1)
         text = head + "\n".join(_load_section(code, note)) + rest.split(LOAD_END, 1)[1]
+    text = text.split(f"\n{USE_HEADING}\n", 1)[0] + "\n"  # local commands mean nothing on the Hub
     return _front_matter(card_metadata(run.config, merged)) + text
+
+
+def hub_files(run: Run, merged_dir: Path | None = None) -> dict[str, Path]:
+    """The run's files a Hub repository gets (`chatbuild push`), by their path in it: the adapter (or
+    the files of `merged_dir`, a 16-bit merge, less its local provenance), the tokenizer, chat_format.json
+    and loss.png, all at the repository's root. Never checkpoints, config.yaml (it holds this machine's
+    paths) or tracker folders; the card is `hub_card`."""
+    if merged_dir is None:
+        files = {name: run.adapter_dir / name for name in ADAPTER_FILES}
+        files.update({p.name: p for p in sorted(run.tokenizer_dir.iterdir()) if p.is_file()})
+    else:
+        files = {p.name: p for p in sorted(Path(merged_dir).iterdir())
+                 if p.is_file() and p.name not in ("chatbuild_merge.json", "README.md")}
+    files["chat_format.json"] = run.path / "chat_format.json"
+    if (run.path / "loss.png").is_file():
+        files["loss.png"] = run.path / "loss.png"
+    return files
 
 
 def hub_metadata_base(cfg: RunConfig) -> str:

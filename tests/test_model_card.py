@@ -97,7 +97,8 @@ def test_the_hub_card_loads_from_the_repository_not_from_this_machine(tiny_run):
     assert card.data.library_name == "peft"
     code = python_block(text)
     assert "PeftModel.from_pretrained(base, 'someone/tiny-a')" in code
-    assert "AutoTokenizer.from_pretrained('someone/tiny-a')" in code and str(tiny_run) not in code
+    assert "AutoTokenizer.from_pretrained('someone/tiny-a')" in code and str(tiny_run) not in text
+    assert runs.USE_HEADING not in text and "## Results" in text
     merged = runs.hub_card(run, "someone/tiny-a-merged", merged=True)
     assert ModelCard(merged).data.library_name == "transformers" and "PeftModel" not in python_block(merged)
     assert text.count(runs.LOAD_START) == merged.count(runs.LOAD_START) == 1
