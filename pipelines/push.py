@@ -101,7 +101,8 @@ def push(run_path: str | Path, repo_id: str, merged: bool = False, private: bool
                       for name, src in sorted(plan.items())]
         api = HfApi(token=token)
         with hub_errors(api.endpoint):
-            repo = api.create_repo(repo_id, private=private, exist_ok=True)
+            # private=None without --private: the Hub's default visibility for the owner (an org may set one)
+            repo = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
             commit = api.create_commit(repo.repo_id, operations, commit_message=f"chatbuild push: run {run.name}"
                                        + (" merged in 16 bits" if merged else ""))
     print(f"push: {len(operations)} files to {repo}: {commit.commit_url}")

@@ -141,7 +141,7 @@ def test_push_uploads_the_adapter_tokenizer_and_card_and_nothing_else(tiny_run, 
                                                       "/api/models/me/tiny-a/commit/main"]
     assert all(r[2]["authorization"] == "Bearer hf_secret" for r in requests)
     created = json.loads(requests[0][3])
-    assert created["name"] == "tiny-a" and created["organization"] == "me" and created["private"] is True
+    assert created["name"] == "tiny-a" and created["organization"] == "me" and created["visibility"] == "private"
 
     files = committed_files(requests)
     assert json.loads(requests[1][3])["content"] == files["README.md"].decode()  # the card's metadata was checked
