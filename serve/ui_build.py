@@ -30,6 +30,7 @@ import html
 import gradio as gr
 import pandas as pd
 
+from chatbuild import runs
 from chatbuild.config import OBJECTIVES
 from chatbuild.data import FORMATS, MODES, PAIR_FORMATS
 from chatbuild.engines import LoadsAdapters
@@ -369,6 +370,8 @@ def _job_view(builder: Builder, job_id, jobs: list[Job], login: str | None) -> t
             parts.append("\n\n" + board.read_text())
     elif job.status in FINISHED and job.kind == "finetune":
         parts.append(f"run folder: `{job.run_dir}`")
+    if job.kind == "finetune" and (board := runs.tracking_dir(job.run_dir, "tensorboard")).is_dir():  # train.report_to
+        parts.append(f"tensorboard: `tensorboard --logdir {board}`")
     return _bar(job, p["fraction"]), " · ".join(parts), _curve_frame(p), job.log_tail(60)
 
 

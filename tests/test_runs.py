@@ -222,7 +222,7 @@ def test_card_names_the_objective_and_its_metrics_and_the_plot_is_a_png(tmp_path
     runs.write_model_card(tmp_path, cfg, history, objective="preference-tuning (DPO) recipe",
                           data=["120 preference pairs"], metrics=[("loss", "training loss"), ("reward_margin", "reward margin")])
     card = (tmp_path / "README.md").read_text()
-    assert card.startswith("# pref\n") and "chatbuild's preference-tuning (DPO) recipe" in card
+    assert card.split("\n---\n", 1)[1].lstrip().startswith("# pref\n") and "chatbuild's preference-tuning (DPO) recipe" in card
     assert "- 120 preference pairs\n" in card
     assert "- final training loss: 0.4 at step 10" in card and "- final reward margin: 0.5 at step 10" in card
     assert "- validation loss: 0.69 at step 0 → 0.5 at step 10" in card
