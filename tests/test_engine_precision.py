@@ -111,3 +111,16 @@ def test_the_engine_serves_at_the_chosen_precision_with_the_runs_adapter(tiny_ba
         for stop in run.chat_format.stop:
             expected = expected.split(stop)[0]
         assert served == expected.strip()
+
+
+def test_a_containers_memory_limit_lowers_what_auto_counts_on(tmp_path):
+    """In a container on a large host /proc/meminfo shows the host; the cgroup v2 limit is what the
+    server may use. The files are written here: this machine's own cgroup may have no limit."""
+    from chatbuild.engines.hf import _cgroup_memory_left
+
+    (tmp_path / "memory.max").write_text("2147483648\n")
+    (tmp_path / "memory.current").write_text("536870912\n")
+    assert _cgroup_memory_left(tmp_path) == 2147483648 - 536870912
+    (tmp_path / "memory.max").write_text("max\n")
+    assert _cgroup_memory_left(tmp_path) is None
+    assert _cgroup_memory_left(tmp_path / "missing") is None

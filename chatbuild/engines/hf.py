@@ -475,16 +475,30 @@ def parameter_count(base: str) -> int | None:
 
 
 def available_memory() -> int:
-    """Bytes of memory available to new allocations (Linux MemAvailable; else the physical total)."""
+    """Bytes of memory available to new allocations: Linux MemAvailable (else the physical total),
+    lowered to what the container's cgroup v2 limit leaves (memory.max less memory.current), as a
+    container on a large host (a hosted Space) sees the host's memory in /proc/meminfo."""
     import os
 
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    left = _cgroup_memory_left(Path("/sys/fs/cgroup"))
+    return available if left is None else min(available, left)
+
+
+def _cgroup_memory_left(root: Path) -> int | None:
+    """memory.max less memory.current of the cgroup v2 at `root`; None without a limit ("max") or files."""
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        used = int((root / "memory.current").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(0, int(limit) - used)
 
 
 def precision_of(model) -> str:
