@@ -186,14 +186,14 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False, prog
             runs.append_metrics(run_dir, row)
             trackers.log(row)
 
-    if objective.val and start_step == 0:  # the starting point, so the curve shows what training changed
-        record({"step": 0, **objective.evaluate(model, device)})
     bar = make_progress(cfg.train.steps, start_step, enabled=progress and main_process)
     model.train()
     t_last, tokens_since = time.perf_counter(), 0
     stop = StopRequest()
     finished = False
-    try:
+    try:  # from here on the trackers are closed whatever happens (failed unless training finished)
+        if objective.val and start_step == 0:  # the starting point, so the curve shows what training changed
+            record({"step": 0, **objective.evaluate(model, device)})
         for step in range(start_step, cfg.train.steps):
             # The batch order for an epoch depends only on the seed and the epoch, so a resumed run sees
             # exactly the micro-batches an uninterrupted one would.
