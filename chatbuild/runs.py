@@ -520,6 +520,9 @@ def hub_card(run: Run, repo_id: str, merged: bool = False) -> str:
         head, rest = text.split(LOAD_START, 1)
         text = head + "\n".join(_load_section(code, note)) + rest.split(LOAD_END, 1)[1]
     text = text.split(f"\n{USE_HEADING}\n", 1)[0] + "\n"  # local commands mean nothing on the Hub
+    for local in {run.config.model.base, str(run.config.data.train)}:  # this machine's paths, by their names
+        if Path(local).is_absolute():
+            text = text.replace(f"`{local}`", f"`{base if local == run.config.model.base else Path(local).name}`")
     return _front_matter(card_metadata(run.config, merged)) + text
 
 

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +100,10 @@ def test_the_hub_card_loads_from_the_repository_not_from_this_machine(tiny_run):
     assert "PeftModel.from_pretrained(base, 'someone/tiny-a')" in code
     assert "AutoTokenizer.from_pretrained('someone/tiny-a')" in code and str(tiny_run) not in text
     assert runs.USE_HEADING not in text and "## Results" in text
+    # no path of this machine anywhere in the card: the base and the data are named by their names
+    local = [v for v in (run.config.model.base, str(run.config.data.train)) if Path(v).is_absolute()]
+    assert local and not [v for v in local if v in text], local
+    assert f"`{Path(run.config.model.base).name}`" in text or f"`{runs.hub_metadata_base(run.config)}`" in text
     merged = runs.hub_card(run, "someone/tiny-a-merged", merged=True)
     assert ModelCard(merged).data.library_name == "transformers" and "PeftModel" not in python_block(merged)
     assert text.count(runs.LOAD_START) == merged.count(runs.LOAD_START) == 1
