@@ -140,17 +140,20 @@ async def generate(state: "ServeState", engine: ChatEngine, messages: list[dict]
             pass
 
     def work():
+        outcome = _END
         try:
             for chunk in engine.stream(messages, params, model, cancel=cancel):
                 hand_over(chunk)
-            hand_over(_END)
         except BaseException as e:  # handed to the loop, where the reader raises it
-            hand_over(e)
+            outcome = e
         finally:
+            # The slot is freed before the reader hears the end (the loop runs these in order): a
+            # client that has its whole reply and asks again at once finds the slot free.
             try:
                 loop.call_soon_threadsafe(on_thread_end)
             except RuntimeError:
                 pass
+            hand_over(outcome)
 
     threading.Thread(target=work, name=f"chatbuild-generate-{model}", daemon=True).start()
     try:
