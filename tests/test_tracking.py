@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -119,7 +120,9 @@ def test_the_build_tab_names_a_jobs_tensorboard_folder_only_when_it_has_one(tmp_
 
     job = Job(id=1, name="t", preset=None, overrides=[], run_dir=str(tmp_path), device="cpu", status="done", pid=None,
               resume=False, cancel=False, log_path=str(tmp_path / "log"), error=None, created=0, started=0, finished=0)
+    # the view asks the builder only whether the login may read the job (a server without logins: yes)
+    builder = SimpleNamespace(may_read=lambda job, login: True, evals_dir=tmp_path / "evals")
     board = runs.tracking_dir(tmp_path, "tensorboard")
-    assert "tensorboard" not in _job_view(None, 1, [job])[1]
+    assert "tensorboard" not in _job_view(builder, 1, [job], None)[1]
     board.mkdir()
-    assert f"tensorboard: `tensorboard --logdir {board}`" in _job_view(None, 1, [job])[1]
+    assert f"tensorboard: `tensorboard --logdir {board}`" in _job_view(builder, 1, [job], None)[1]
