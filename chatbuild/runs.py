@@ -510,6 +510,8 @@ def hub_card(run: Run, repo_id: str, merged: bool = False) -> str:
     if text.startswith("---\n"):  # replace the front matter
         text = text.split("\n---\n", 1)[1]
     stop, base = run.chat_format.stop, hub_metadata_base(run.config)
+    if Path(base).is_absolute():  # a base only this machine has: named by its folder's name
+        base = Path(base).name
     if merged:
         code = merged_snippet(repo_id, stop)
         note = f"The adapter merged into `{base}` in 16 bits: an ordinary transformers model."
