@@ -77,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the hf engine holds the base while serving: nf4, bf16, fp32 or auto (default auto: "
                         "fp32 on a CPU when the base's fp32 weights take at most 1/4 of the available memory, "
                         "else nf4; runs' adapters apply at any precision)")
+    p.add_argument("--decoder", choices=("auto", "fast", "hf"),
+                   help="which forward pass the hf engine decodes with: fast (fixed KV slots, a lean Llama-family "
+                        "layer loop), hf (transformers' own, any model and adapter) or auto (default: fast on a CPU "
+                        "where it runs the model, else hf)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -104,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         from chatbuild.engines.hf import check_precision
 
         check_precision(args.quant)
+    if args.decoder is not None and args.engine != "hf":
+        raise UserError("--decoder applies to the hf engine, which decodes in this process")
     if args.chat_format is not None:
         if args.engine != "hf":
             raise UserError("--chat-format applies to the hf engine's bare base")
@@ -154,11 +160,15 @@ def run(args: argparse.Namespace) -> int:
         engine = open_engine(args.runs, base=args.base, base_name=args.base_name, kind=args.engine,
                              url=args.remote_url, api_key=args.remote_key, device=args.device,
                              max_batch=args.max_running,  # every admitted generation decodes in the batch
-                             chat_format=args.chat_format, precision=args.quant or "auto")
+                             chat_format=args.chat_format, precision=args.quant or "auto",
+                             decoder=args.decoder or "auto")
     try:
         app = create_app(engine, settings, ui=not args.no_ui)
+        how = ""
+        if getattr(engine, "decoder", None):  # the hf engine: how it holds the base and decodes
+            how = f" [{engine.precision}, {engine.decoder} decoder{'; ' + engine.decoder_note if engine.decoder_note else ''}]"
         print(f"chatbuild serve: models {', '.join(engine.models())} on http://{args.host}:{args.port} "
-              "(API at /v1, docs at /docs)", file=sys.stderr, flush=True)
+              f"(API at /v1, docs at /docs){how}", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
         engine.close()

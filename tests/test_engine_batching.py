@@ -144,7 +144,7 @@ def test_a_request_joining_mid_flight_gets_its_reply_alone(engine):
     second_alone = reply(engine, "run-b", PROMPTS[2])
     before = engine.batch_sizes.copy()
     scheduler = engine._scheduler
-    forward, permits, calls = scheduler.forward, threading.Semaphore(4), []  # the first's prefill + 3 steps
+    forward, permits, calls = scheduler.batch.forward, threading.Semaphore(4), []  # the first's prefill + 3 steps
 
     def gated(*args):
         calls.append(len(args[0]))
@@ -156,7 +156,7 @@ def test_a_request_joining_mid_flight_gets_its_reply_alone(engine):
     def read(name, model, messages):
         replies[name] = reply(engine, model, messages)
 
-    scheduler.forward = gated
+    scheduler.batch.forward = gated
     try:
         first = threading.Thread(target=read, args=("first", "run-a", PROMPTS[0]))
         first.start()
@@ -166,7 +166,7 @@ def test_a_request_joining_mid_flight_gets_its_reply_alone(engine):
         wait_until(lambda: engine.active == 2)
     finally:
         permits.release(10_000)
-        scheduler.forward = forward
+        scheduler.batch.forward = forward
     first.join(timeout=60)
     second.join(timeout=60)
     assert replies == {"first": first_alone, "second": second_alone}
@@ -257,7 +257,7 @@ def test_prompts_joining_at_different_times_reply_like_plain_generate(engine, ru
         expected.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).split("### Human:")[0].strip())
 
     scheduler = engine._scheduler
-    forward, steps = scheduler.forward, []
+    forward, steps = scheduler.batch.forward, []
 
     def counted(*args):
         steps.append(args[0].shape)
@@ -269,7 +269,7 @@ def test_prompts_joining_at_different_times_reply_like_plain_generate(engine, ru
         replies[i] = reply(engine, *requests[i])
 
     threads = [threading.Thread(target=read, args=(i,)) for i in range(len(requests))]
-    scheduler.forward = counted
+    scheduler.batch.forward = counted
     try:
         threads[0].start()
         wait_until(lambda: len(steps) >= 4)  # the first request has decoded a few tokens
@@ -282,7 +282,7 @@ def test_prompts_joining_at_different_times_reply_like_plain_generate(engine, ru
         for t in threads:
             t.join(timeout=120)
     finally:
-        scheduler.forward = forward
+        scheduler.batch.forward = forward
     assert replies == expected
     assert any(shape[0] >= 3 and shape[1] == 1 for shape in steps), f"rows should have shared steps: {steps}"
 
@@ -297,14 +297,14 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_a_running_reply_goes_on(engi
     long_alone = reply(engine, "run-b", PROMPTS[2])
     short_alone = reply(engine, "run-a", PROMPTS[0], GenerationParams(temperature=0, max_new_tokens=40))
     scheduler = engine._scheduler
-    forward, shapes = scheduler.forward, []
+    forward, shapes = scheduler.batch.forward, []
 
     def recorded(*args):
         shapes.append(tuple(args[0].shape))
         return forward(*args)
 
     replies = {}
-    scheduler.forward, scheduler.prefill_tokens = recorded, 8
+    scheduler.batch.forward, scheduler.prefill_tokens = recorded, 8
     try:
         short = threading.Thread(target=lambda: replies.update(
             short=reply(engine, "run-a", PROMPTS[0], GenerationParams(temperature=0, max_new_tokens=40))))
@@ -314,7 +314,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_a_running_reply_goes_on(engi
         replies["long"] = reply(engine, "run-b", PROMPTS[2])
         short.join(timeout=120)
     finally:
-        scheduler.forward, scheduler.prefill_tokens = forward, PREFILL_TOKENS
+        scheduler.batch.forward, scheduler.prefill_tokens = forward, PREFILL_TOKENS
     assert replies == {"short": short_alone, "long": long_alone}
     assert max(width for _, width in shapes) <= 8, shapes
     chunks = [i for i in range(start, len(shapes)) if shapes[i][1] > 1]

@@ -144,7 +144,7 @@ def test_smollm2_engine_replies_equal_plain_generate_for_prompts_joining_at_diff
         assert engine.precision == "fp32"
         params = GenerationParams(temperature=0, max_new_tokens=24)
         calls, replies = [], [None] * len(conversations)
-        forward = engine._scheduler.forward
+        forward = engine._scheduler.batch.forward
 
         def counted(*args):
             calls.append(tuple(args[0].shape))
@@ -154,7 +154,7 @@ def test_smollm2_engine_replies_equal_plain_generate_for_prompts_joining_at_diff
             replies[i] = "".join(c.text for c in engine.stream(conversations[i], params, engine.base_name))
 
         threads = [threading.Thread(target=read, args=(i,)) for i in range(len(conversations))]
-        engine._scheduler.forward = counted
+        engine._scheduler.batch.forward = counted
         threads[0].start()
         wait = time.monotonic() + 120
         while len(calls) < 4 and time.monotonic() < wait:  # the first reply has a few tokens

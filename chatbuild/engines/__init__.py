@@ -201,7 +201,7 @@ def _short(value) -> str:
 def open_engine(runs: Sequence[str | Path] = (), *, base: str | None = None, base_name: str | None = None,
                 kind: str = "hf", url: str | None = None, api_key: str | None = None,
                 device: str | None = None, max_prompt_tokens: int | None = None, max_batch: int = 16,
-                chat_format: str | None = None, precision: str | None = None) -> ChatEngine:
+                chat_format: str | None = None, precision: str | None = None, decoder: str = "auto") -> ChatEngine:
     """The engine for a command line: `kind` "hf" serves run folders (and/or a bare `base`) in this
     process; "openai" talks to the OpenAI-compatible server at `url`, where `runs` (if any) are the
     models to expose instead of everything the server lists: model names, or run folders (served
@@ -209,14 +209,16 @@ def open_engine(runs: Sequence[str | Path] = (), *, base: str | None = None, bas
     `max_batch`: the most replies the hf engine decodes in one forward pass; `chat_format`: how the hf
     engine prompts the bare base (a `chatbuild.templates` name or .jinja file; default its own template);
     `precision`: how the hf engine holds the base (`chatbuild.engines.hf.PRECISIONS` or "auto"; None: as
-    the runs were trained)."""
+    the runs were trained); `decoder`: which forward pass the hf engine decodes with
+    (`chatbuild.engines.hf.DECODERS`)."""
     if kind == "hf":
         if url:
             raise UserError("a remote URL needs the openai engine (--engine openai)")
         from chatbuild.engines.hf import HFEngine
 
         return HFEngine.from_runs(runs, base=base, base_name=base_name, chat_format=chat_format, device=device,
-                                  max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, precision=precision)
+                                  max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, precision=precision,
+                                  decoder=decoder)
     if kind == "openai":
         if not url:
             raise UserError("the openai engine needs the server's URL (--remote-url)")

@@ -167,23 +167,162 @@ def _pad_left(t, width: int, dim: int):
 PREFILL_TOKENS = 256  # the most prompt tokens (padding included) prefilled between two decode steps
 
 
-class Scheduler:
-    """The decode thread (see the module docstring). `forward(input_ids, attention_mask, position_ids,
-    cache, adapters)` runs the model (the engine adds its lock and PEFT's `adapter_names`) and
-    returns its output; `device` is where input tensors go."""
+class HFBatch:
+    """The running batch over transformers' forward pass and a left-padded `DynamicCache` (`KVBatch`).
 
-    def __init__(self, forward: Callable, device, max_batch: int = 16, prefill_tokens: int = PREFILL_TOKENS):
+    Every batch kind offers what the scheduler calls, on its thread only: `prefill(group)` (whole
+    prompts in one pass; they join the batch at its end, in order; returns their next-token logits
+    [rows, vocab], or raises and joins none), `chunk(request, size)` (the next `size` tokens of a long
+    prompt, alone; its logits once the last chunk is in and it has joined, else None), `forget(request)`
+    (a long prompt given up between chunks), `step(rows)` (each row's `next_token` at position
+    `length`; logits [rows, vocab]), `keep(indices)` (only those rows go on; returns their order in
+    the batch from now on, as indices into the old one) and `clear()`.
+
+    `forward(input_ids, attention_mask, position_ids, cache, adapters)` runs the model (the engine
+    adds its lock and PEFT's `adapter_names`)."""
+
+    def __init__(self, forward: Callable, device):
+        self.forward, self.device = forward, device
+        self.kv = KVBatch()
+
+    def prefill(self, group: list[Request]):
+        import torch
+        from transformers import DynamicCache
+
+        width = max(len(r.prompt) for r in group)
+        ids = torch.tensor([[0] * (width - len(r.prompt)) + r.prompt for r in group], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in group], device=self.device)
+        cache = DynamicCache()  # a full-attention cache, whatever the model's config says: rows merge simply
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0) if len(group) > 1 else None
+        out = self.forward(ids, mask, positions, cache, [r.adapter for r in group])
+        zero_padding(cache, mask)
+        self.kv.join_rows(cache, mask)
+        return out.logits[:, -1, :].float()
+
+    def chunk(self, request: Request, size: int):
+        import torch
+        from transformers import DynamicCache
+
+        start = request.prefilled
+        end = min(len(request.prompt), start + size)
+        if request.cache is None:
+            request.cache = DynamicCache()
+        ids = torch.tensor([request.prompt[start:end]], device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None] if start else None
+        out = self.forward(ids, torch.ones(1, end, dtype=torch.long, device=self.device), positions,
+                           request.cache, [request.adapter])
+        request.prefilled = end
+        if end < len(request.prompt):
+            return None
+        cache, request.cache = request.cache, None
+        self.kv.join(cache, end)
+        return out.logits[:, -1, :].float()
+
+    def forget(self, request: Request) -> None:
+        request.cache = None
+
+    def step(self, rows: list[Request]):
+        import torch
+
+        input_ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
+        positions = torch.tensor([[r.length] for r in rows], device=self.device)
+        out = self.forward(input_ids, self.kv.step_mask(), positions, self.kv.cache, [r.adapter for r in rows])
+        return out.logits[:, -1, :].float()
+
+    def keep(self, indices: list[int]) -> list[int]:
+        self.kv.keep(indices)
+        return indices
+
+    def clear(self) -> None:
+        self.kv = KVBatch()
+
+
+class SlotBatch:
+    """The running batch over `chatbuild.engines.decoder.SlotDecoder`: row i of the batch owns KV slot
+    i, so the running rows are slots 0..n-1 and a step is one view of them. A batched prefill takes the
+    next free slots; a long prompt is prefilled chunk by chunk into slot n (nobody joins meanwhile:
+    the chunking prompt heads the queue) and moves to the last row's slot if rows left meanwhile. A
+    leaving row's slot is taken by the batch's last row (one row's keys and values copied), so the
+    others keep their slots. The same calls as `HFBatch`; `forward(ids, slots, starts, last, adapters)`
+    is the decoder's, run under the engine's lock."""
+
+    def __init__(self, decoder, forward: Callable, device):
+        self.decoder, self.forward, self.device = decoder, forward, device
+        self.lengths: list[int] = []  # tokens in the cache of each running row (= its slot)
+
+    def prefill(self, group: list[Request]):
+        import torch
+
+        first = len(self.lengths)
+        width = max(len(r.prompt) for r in group)
+        ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in group], device=self.device)
+        logits = self.forward(ids, list(range(first, first + len(group))), [0] * len(group),
+                              [len(r.prompt) - 1 for r in group], [r.adapter for r in group])
+        self.lengths.extend(len(r.prompt) for r in group)
+        return logits
+
+    def chunk(self, request: Request, size: int):
+        import torch
+
+        slot, start = len(self.lengths), request.prefilled
+        end = min(len(request.prompt), start + size)
+        if request.cache is not None and request.cache != slot:  # rows left since the last chunk
+            self.decoder.move(request.cache, slot, start)
+        request.cache = slot
+        ids = torch.tensor([request.prompt[start:end]], device=self.device)
+        logits = self.forward(ids, [slot], [start], [end - start - 1], [request.adapter])
+        request.prefilled = end
+        if end < len(request.prompt):
+            return None
+        request.cache = None
+        self.lengths.append(end)
+        return logits
+
+    def forget(self, request: Request) -> None:
+        request.cache = None
+
+    def step(self, rows: list[Request]):
+        import torch
+
+        ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
+        logits = self.forward(ids, list(range(len(rows))), [r.length for r in rows], [0] * len(rows),
+                              [r.adapter for r in rows])
+        self.lengths = [n + 1 for n in self.lengths]
+        return logits
+
+    def keep(self, indices: list[int]) -> list[int]:
+        n = len(indices)
+        kept = set(indices)
+        free = [slot for slot in range(n) if slot not in kept]  # freed slots below the new end
+        movers = [i for i in reversed(indices) if i >= n]  # as many kept rows above it, the last first
+        for slot, source in zip(free, movers, strict=True):
+            self.decoder.move(source, slot, self.lengths[source])
+        placed = dict(zip(free, movers, strict=True))
+        order = [placed.get(slot, slot) for slot in range(n)]
+        self.lengths = [self.lengths[i] for i in order]
+        if not order:
+            self.decoder.release()
+        return order
+
+    def clear(self) -> None:
+        self.lengths = []
+        self.decoder.release()
+
+
+class Scheduler:
+    """The decode thread (see the module docstring) over a running `batch` (`HFBatch` or `SlotBatch`)."""
+
+    def __init__(self, batch, max_batch: int = 16, prefill_tokens: int = PREFILL_TOKENS):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
-        self.forward, self.device, self.max_batch = forward, device, max_batch
+        self.batch, self.max_batch = batch, max_batch
         self.prefill_tokens = prefill_tokens
         self.prefill_sizes: Counter = Counter()  # prefill passes by number of prompts, for tests and benchmarks
         self.batch_sizes: Counter = Counter()  # decode steps by number of rows, for tests and benchmarks
         self._waiting: list[Request] = []
         self._rows: list[Request] = []
-        self._kv = KVBatch()
         self._wake = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -237,7 +376,8 @@ class Scheduler:
                         self._decode()
             except Exception as e:  # a failed batched forward pass fails every row in it; the thread lives on
                 self._fail(e, self._rows)
-                self._rows, self._kv = [], KVBatch()
+                self._rows = []
+                self.batch.clear()
 
     def _prefill(self, candidates: list[Request]) -> list[Request]:
         """Prefill what `prefill_tokens` allows of the waiting `candidates` (first come, first served)
@@ -249,7 +389,7 @@ class Scheduler:
         for request in candidates:
             if not request.over():
                 break
-            request.cache = None  # a long prompt given up between its chunks
+            self.batch.forget(request)  # a long prompt given up between its chunks
             self._finish(request, None, "cancelled")
             admitted.append(request)
         candidates = candidates[len(admitted):]
@@ -266,67 +406,49 @@ class Scheduler:
         return admitted + self._prefill_together(group)
 
     def _prefill_together(self, group: list[Request]) -> list[Request]:
-        """One forward pass over whole prompts, left-padded like the decode batch (each row's position
-        ids count its own tokens, the mask hides the padding), each row with its adapter; each row's
-        first token is sampled and the rows join the batch. If the pass fails, each prompt is tried
-        alone, so a prompt that cannot run fails by itself."""
+        """One forward pass over whole prompts (each row with its adapter); each row's first token is
+        sampled and the rows join the batch. If the pass fails, each prompt is tried alone, so a prompt
+        that cannot run fails by itself."""
         import torch
-        from transformers import DynamicCache
 
-        width = max(len(r.prompt) for r in group)
-        ids = torch.tensor([[0] * (width - len(r.prompt)) + r.prompt for r in group], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in group], device=self.device)
-        cache = DynamicCache()  # a full-attention cache, whatever the model's config says: rows merge simply
         try:
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0) if len(group) > 1 else None
-            out = self.forward(ids, mask, positions, cache, [r.adapter for r in group])
+            logits = self.batch.prefill(group)
         except Exception as e:
             if len(group) > 1:
                 return [r for request in group for r in self._prefill_together([request])]
             self._fail(e, group)
             return group
         self.prefill_sizes[len(group)] += 1
-        zero_padding(cache, mask)
-        logits = out.logits[:, -1, :].float()
         for i, request in enumerate(group):
-            request.seen, request.length = ids[i:i + 1, width - len(request.prompt):], len(request.prompt)
+            request.seen = torch.tensor([request.prompt], device=self.batch.device)
+            request.length = len(request.prompt)
             try:
                 self._sample(request, logits[i:i + 1])
             except Exception as e:  # this row's sampling failed: it ends alone and leaves at once
                 self._fail(e, [request])
         self._rows.extend(group)  # rows already done leave at the next `_drop_finished`
-        self._kv.join_rows(cache, mask)
         return group
 
     def _prefill_chunk(self, request: Request) -> list[Request]:
-        """The next `prefill_tokens` tokens of a long prompt, alone, into its own cache; after the last
-        chunk its first token is sampled and it joins the batch. Returns [request] once it is done waiting."""
+        """The next `prefill_tokens` tokens of a long prompt, alone; after the last chunk its first
+        token is sampled and it joins the batch. Returns [request] once it is done waiting."""
         import torch
-        from transformers import DynamicCache
 
-        start = request.prefilled
-        end = min(len(request.prompt), start + self.prefill_tokens)
         try:
-            if request.cache is None:
-                request.cache = DynamicCache()
-            ids = torch.tensor([request.prompt[start:end]], device=self.device)
-            positions = torch.arange(start, end, device=self.device)[None] if start else None
-            out = self.forward(ids, torch.ones(1, end, dtype=torch.long, device=self.device), positions,
-                               request.cache, [request.adapter])
-            request.prefilled = end
-            if end < len(request.prompt):
-                return []
-            self.prefill_sizes[1] += 1
-            request.seen, request.length = torch.tensor([request.prompt], device=self.device), end
-            self._sample(request, out.logits[:, -1, :].float())
+            logits = self.batch.chunk(request, self.prefill_tokens)
         except Exception as e:  # this prompt failed alone: the batch goes on
-            request.cache = None
+            self.batch.forget(request)
             self._fail(e, [request])
             return [request]
-        cache, request.cache = request.cache, None
-        if not request.done:
-            self._rows.append(request)
-            self._kv.join(cache, request.length)
+        if logits is None:
+            return []
+        self.prefill_sizes[1] += 1
+        self._rows.append(request)  # it has joined the batch; if its first token ends it, it leaves next
+        request.seen, request.length = torch.tensor([request.prompt], device=self.batch.device), len(request.prompt)
+        try:
+            self._sample(request, logits)
+        except Exception as e:
+            self._fail(e, [request])
         return [request]
 
     def _decode(self) -> None:
@@ -334,13 +456,11 @@ class Scheduler:
 
         rows = self._rows
         self.batch_sizes[len(rows)] += 1
-        input_ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
-        positions = torch.tensor([[r.length] for r in rows], device=self.device)
-        out = self.forward(input_ids, self._kv.step_mask(), positions, self._kv.cache, [r.adapter for r in rows])
-        logits = out.logits[:, -1, :].float()
+        tokens = [r.next_token for r in rows]
+        logits = self.batch.step(rows)
         for i, request in enumerate(rows):
             request.length += 1
-            request.seen = torch.cat([request.seen, input_ids[i:i + 1]], dim=1)
+            request.seen = torch.cat([request.seen, request.seen.new_tensor([[tokens[i]]])], dim=1)
             try:
                 self._sample(request, logits[i:i + 1])
             except Exception as e:  # this row's sampling failed: it ends alone and leaves at the next step
@@ -377,8 +497,8 @@ class Scheduler:
             else:
                 keep.append(i)
         if len(keep) < len(self._rows):
-            self._rows = [self._rows[i] for i in keep]
-            self._kv.keep(keep)
+            order = self.batch.keep(keep)
+            self._rows = [self._rows[i] for i in order]
 
     @staticmethod
     def _fail(error: Exception, requests: list[Request]) -> None:

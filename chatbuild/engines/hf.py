@@ -40,7 +40,7 @@ from chatbuild.engines import (
     UnknownModel,
     check_params,
 )
-from chatbuild.engines.batching import Request, Scheduler
+from chatbuild.engines.batching import HFBatch, Request, Scheduler, SlotBatch
 from chatbuild.errors import UserError
 from chatbuild.runs import Run, load_run
 from chatbuild.templates import ChatFormat, bare_base_format, prompt_ids, stop_token_ids
@@ -82,14 +82,16 @@ class HFEngine:
     def __init__(self, base: str, *, revision: str | None = None, quant: str = "nf4", double_quant: bool = True,
                  compute_dtype: str = "auto", quant_storage: str = "uint8", trust_remote_code: bool = False,
                  device: str | None = None, base_name: str | None = None, chat_format: ChatFormat | str | None = None,
-                 max_prompt_tokens: int | None = None, max_batch: int = 16, precision: str | None = None):
+                 max_prompt_tokens: int | None = None, max_batch: int = 16, precision: str | None = None,
+                 decoder: str = "auto"):
         """Load the base model and serve it bare under `base_name` (default: the base's folder name or
         hub id). Adapters come with `load_adapter`. `quant` and the settings after it are how runs on
         this base were trained; `precision` is how the base is held while serving (`PRECISIONS`; None:
         as trained). `chat_format` is how the bare base is prompted: a ChatFormat, a registry name or
         .jinja file (`chatbuild.templates`), or None for the base's own chat template when it has one,
         else Guanaco; `max_prompt_tokens` caps prompts below the context window; `max_batch` is the
-        most replies decoded in one forward pass (1: one reply at a time)."""
+        most replies decoded in one forward pass (1: one reply at a time); `decoder` is which forward
+        pass decodes (`DECODERS`)."""
         from chatbuild.modeling import default_device, load_base_model, load_tokenizer
 
         device = device or default_device()
@@ -102,7 +104,8 @@ class HFEngine:
         tokenizer = load_tokenizer(base, revision, trust_remote_code)
         if not isinstance(chat_format, ChatFormat):
             chat_format = bare_base_format(tokenizer, chat_format)
-        self._setup(model, tokenizer, base_name or _default_base_name(base), chat_format, max_prompt_tokens, max_batch)
+        self._setup(model, tokenizer, base_name or _default_base_name(base), chat_format, max_prompt_tokens, max_batch,
+                    decoder)
         # What a run must be trained on to be served here (`LoadsAdapters`): the key of a run on this base.
         # Double quantization is a 4-bit feature; a run's config records it off for int8 and none.
         self.base_key = _base_key(ModelSettings(
@@ -113,19 +116,19 @@ class HFEngine:
     @classmethod
     def from_model(cls, model, tokenizer, name: str, *, adapters: dict[str, str] | None = None,
                    chat_format: ChatFormat | None = None, max_prompt_tokens: int | None = None,
-                   max_batch: int = 16) -> "HFEngine":
+                   max_batch: int = 16, decoder: str = "auto") -> "HFEngine":
         """An engine over a model already in memory (benchmarks: `chatbuild.shapes.build_random_4bit`),
         served bare under `name`, plus `adapters` ({model name: PEFT adapter name}) already on `model`
         (then a PeftModel). Run folders cannot be hot-loaded onto it: it has no base on disk to check."""
         engine = cls.__new__(cls)
-        engine._setup(model, tokenizer, name, chat_format, max_prompt_tokens, max_batch)
+        engine._setup(model, tokenizer, name, chat_format, max_prompt_tokens, max_batch, decoder)
         engine.base_key = (name, None, "in memory")
         for served, adapter in (adapters or {}).items():
             engine._models[served] = ServedModel(served, adapter, tokenizer, chat_format or ChatFormat())
         return engine
 
     def _setup(self, model, tokenizer, base_name: str, chat_format: ChatFormat | None, max_prompt_tokens: int | None,
-               max_batch: int) -> None:
+               max_batch: int, decoder: str = "auto") -> None:
         self.model = model
         self.model.eval()
         self.precision = precision_of(model)  # how the base is held: nf4, bf16, fp32, ...
@@ -139,7 +142,28 @@ class HFEngine:
         self._count_lock = threading.Lock()
         self._active = 0
         self._adapters_loaded = 0
-        self._scheduler = Scheduler(self._forward, self.device, max_batch)
+        self._scheduler = Scheduler(self._batch(check_decoder(decoder), max_batch), max_batch)
+
+    def _batch(self, decoder: str, max_batch: int):
+        """The running batch for the `decoder` asked for: the fast path (`SlotDecoder`) where it runs
+        this model ("auto": on a CPU; on a GPU it is untested so far), else transformers' forward.
+        Sets `self.decoder` to the one chosen and `self.decoder_note` to why the fast one was not."""
+        from chatbuild.engines.decoder import SlotDecoder, Unsupported
+
+        self._decoder, self.decoder_note = None, ""
+        if decoder == "fast" or (decoder == "auto" and self.device.type == "cpu"):
+            try:
+                self._decoder = SlotDecoder.for_model(self.model, slots=max_batch)
+            except Unsupported as e:
+                if decoder == "fast":
+                    raise UserError(f"--decoder fast: {e}") from e
+                self.decoder_note = f"transformers' forward pass: {e}"
+        elif decoder == "auto":
+            self.decoder_note = "transformers' forward pass: the fast decoder is used on CPUs only (untested on GPUs)"
+        self.decoder = "fast" if self._decoder else "hf"
+        if self._decoder:
+            return SlotBatch(self._decoder, self._fast_forward, self.device)
+        return HFBatch(self._forward, self.device)
 
     @property
     def batch_sizes(self):
@@ -149,7 +173,7 @@ class HFEngine:
     @classmethod
     def from_runs(cls, runs: Sequence[str | Path] = (), *, base: str | None = None, base_name: str | None = None,
                   chat_format: str | None = None, device: str | None = None, max_prompt_tokens: int | None = None,
-                  max_batch: int = 16, precision: str | None = None) -> "HFEngine":
+                  max_batch: int = 16, precision: str | None = None, decoder: str = "auto") -> "HFEngine":
         """An engine serving run folders on their shared base, plus the bare base.
 
         All runs must name the same base, revision and quantization (one base per engine: start one
@@ -157,7 +181,8 @@ class HFEngine:
         compute dtype) are the engine's. `base` replaces the base path the runs name (e.g. a local copy of
         the same model); with no runs it is the base to serve alone. `chat_format` is how the bare base
         is prompted (see `__init__`); each run is prompted in its own format; `precision` is how the
-        base is held while serving (`PRECISIONS`; None: as the runs were trained). Model names are the
+        base is held while serving (`PRECISIONS`; None: as the runs were trained); `decoder`: which
+        forward pass decodes (`DECODERS`). Model names are the
         runs' `config.name`, made unique with a -2, -3, ... suffix."""
         from chatbuild.config import ModelSettings
 
@@ -175,7 +200,8 @@ class HFEngine:
         engine = cls(base or m.base, revision=m.revision, quant=m.quant, double_quant=m.double_quant,
                      compute_dtype=m.compute_dtype, quant_storage=m.quant_storage, trust_remote_code=m.trust_remote_code,
                      device=device, base_name=base_name, chat_format=chat_format,
-                     max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, precision=precision)
+                     max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, precision=precision,
+                     decoder=decoder)
         if loaded:
             engine.base_key = loaded[0].base_key()  # what later runs must name, even when `base` moved it
         for run in loaded:
@@ -218,14 +244,35 @@ class HFEngine:
             if name in self._models:  # checked again: another thread may have taken the name meanwhile
                 raise UserError(f'a model named "{name}" is already served; pick another name')
             adapter = f"adapter{self._adapters_loaded}"  # PEFT names are module keys: no dots, so not the run name
+            bare = self.model
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(run.adapter_dir), adapter_name=adapter)
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(run.adapter_dir), adapter_name=adapter)
             self.model.eval()
+            if self._decoder is not None:
+                self._refresh_decoder(run, adapter, bare)
             self._adapters_loaded += 1
             self._models[name] = ServedModel(name, adapter, tokenizer, run.chat_format, run.path)
         return name
+
+    def _refresh_decoder(self, run: Run, adapter: str, bare) -> None:
+        """Show the fast decoder the adapter just loaded; one it cannot run is unloaded again and refused
+        (the rows running meanwhile are untouched: this holds the forward lock)."""
+        from chatbuild.engines.decoder import Unsupported
+
+        self._decoder.model = self.model
+        try:
+            self._decoder.refresh()
+        except Unsupported as e:
+            if bare is self.model:
+                self.model.delete_adapter(adapter)
+            else:  # the model was bare before this adapter: unwrap it again
+                self.model = self.model.unload()
+            self._decoder.model = self.model
+            self._decoder.refresh()
+            raise UserError(f"{run.path}: {e}; the fast decoder cannot serve it: start the server with "
+                            "--decoder hf") from e
 
     def _served(self, model: str) -> ServedModel:
         served = self._models.get(model)
@@ -339,6 +386,11 @@ class HFEngine:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               past_key_values=cache, use_cache=True, logits_to_keep=1, **adapter)
 
+    def _fast_forward(self, ids, slots, starts, last, adapters: list[str]):
+        """One forward pass of the fast decoder for the decode thread."""
+        with self._lock:
+            return self._decoder.forward(ids, slots, starts, last, adapters)
+
     def close(self) -> None:
         """Drop the model and adapters (and the GPU memory they held)."""
         import gc
@@ -348,7 +400,7 @@ class HFEngine:
         self._scheduler.close()
         with self._lock:
             self._models.clear()
-            self.model = None
+            self.model = self._decoder = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -431,6 +483,20 @@ class ReplyText:
 # allowing. Greedy replies at each precision are that precision's own (rounding differs).
 PRECISIONS = {"nf4": ("nf4", "auto"), "bf16": ("none", "bfloat16"), "fp32": ("none", "float32")}
 CPU_RAM_SHARE = 4  # `auto` holds the base in fp32 on a CPU when that takes at most 1/4 of available RAM
+
+
+# Which forward pass decodes: "fast" is `chatbuild.engines.decoder` (fixed KV slots, a lean Llama-family
+# layer loop; models and adapters it does not run are refused with the reason), "hf" is transformers'
+# own forward with a DynamicCache (any causal LM, any PEFT adapter), "auto" the fast one on a CPU
+# where it runs the model, else hf.
+DECODERS = ("auto", "fast", "hf")
+
+
+def check_decoder(name: str, where: str = "--decoder") -> str:
+    """`name` if it is one of DECODERS; else a one-line UserError naming `where`."""
+    if name not in DECODERS:
+        raise UserError(f'{where}: "{name}" is not a decoder; use {", ".join(DECODERS)}')
+    return name
 
 
 def check_precision(name: str, where: str = "--quant") -> str:

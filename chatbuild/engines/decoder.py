@@ -1,0 +1,270 @@
+"""The fast decode path: a lean forward pass for Llama-family models over a fixed-slot KV cache.
+
+    decoder = SlotDecoder.for_model(model, slots=17)    # None (and a reason) if the model is not one it runs
+    logits = decoder.forward(ids, slots, starts, last, adapters)
+
+Why it exists (issue 22): on a 2-core CPU, serving SmolLM2-135M through transformers' forward spends
+most of a batch-1 step outside the matrix products (per-layer module dispatch, mask building,
+DynamicCache concatenation, PEFT's per-call hooks), and a batch of 32 spends more copying the
+growing cache than multiplying: every step `torch.cat`s each layer's keys and values, and every row
+that joins or leaves re-pads or re-indexes the whole cache. The matrix products alone take ~25 ms a
+token at batch 1 and ~90 ms a step at batch 32 (bench/results/serve-cpu-smollm2-*.json).
+
+What it does instead, with the model's own weights and modules (no copy of the base):
+- **Fixed slots.** Keys and values live in one preallocated tensor per layer, [slots, kv_heads,
+  capacity, head_dim]. A reply owns a slot for its life; its token at position p is at column p. A
+  step writes each row's new key/value in place (index_put) and attends over a view of the slots the
+  batch uses, masked per row to its own length: nothing is concatenated, padded or re-indexed, and a
+  row joining or leaving copies nothing (the scheduler keeps the running rows in slots 0..n-1 by
+  moving the last row into a leaver's slot: one row's cache, not the batch's). The capacity grows by
+  doubling when a row needs more columns (one copy, amortized), and is released when the batch empties.
+- **Right-padded prefill.** Prompts prefilled together are padded on the right, so every row's
+  tokens sit at their true positions from column 0; the padding's keys land in columns past the
+  row's length, which the mask hides and the row's next tokens overwrite. A long prompt's chunks
+  are prefilled into its slot at their positions (start..end), attending to the columns before.
+- **The same arithmetic as transformers.** Each layer calls the model's own RMSNorm modules,
+  activation and rotary embedding, the same projections (nn.Linear, or a bitsandbytes 4-bit layer's
+  own forward), and `scaled_dot_product_attention` with the model's scaling; LoRA adds
+  `B(A(x)) * scaling` per row group exactly as PEFT's mixed-adapter forward does (rows named
+  "__base__" get none). So greedy replies equal the transformers path's (tests/test_decoder.py, on
+  the tiny base and SmolLM2), up to the last-bit differences batched matrix products may have.
+
+What it runs: decoder-only models whose layers are Llama's (model_type llama, mistral without a
+sliding window shorter than the context, qwen2), with plain LoRA adapters on their linear layers.
+Anything else (DoRA or other LoRA variants, LoRA on embeddings or the head, `modules_to_save`,
+other architectures) is refused with the reason, and the engine serves through transformers instead.
+"""
+
+from dataclasses import dataclass
+
+BASE_ROWS = "__base__"  # PEFT's name for "no adapter" in mixed batches (chatbuild.engines.BASE_ADAPTER)
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+MIN_CAPACITY = 128  # columns first allocated per slot
+KEEP_CAPACITY = 1024  # an empty batch keeps a cache at most this long; a longer one is released
+
+
+class Unsupported(Exception):
+    """The model or one of its adapters is not one the fast path runs (the message says why)."""
+
+
+@dataclass
+class Projection:
+    """One linear layer: its base (nn.Linear or a 4-bit layer: called as is) and its LoRA adapters
+    {PEFT adapter name: (A, B, scaling)}."""
+
+    base: object
+    loras: dict
+
+    def __call__(self, x, groups):
+        out = _linear(self.base, x)
+        for adapter, rows in groups:
+            lora = self.loras.get(adapter)
+            if lora is None:
+                continue
+            a, b, scaling = lora
+            if rows is None:  # every row of the batch uses this adapter
+                out = out + b(a(x.to(a.weight.dtype))).to(out.dtype) * scaling
+            else:
+                out[rows] += (b(a(x[rows].to(a.weight.dtype))) * scaling).to(out.dtype)
+        return out
+
+
+class SlotDecoder:
+    """A Llama-family model's forward pass over fixed KV slots (see the module docstring)."""
+
+    def __init__(self, model, slots: int):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.model, self.inner, self.head = model, base.model, base.lm_head
+        config = base.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scaling = self.head_dim ** -0.5
+        self.context = getattr(config, "max_position_embeddings", None)
+        self.slots = slots
+        self.capacity = 0
+        self.keys: list = []
+        self.values: list = []
+        self.refresh()
+
+    @classmethod
+    def for_model(cls, model, slots: int) -> "SlotDecoder":
+        """The decoder for `model`, or Unsupported naming what it cannot run."""
+        reason = unsupported_reason(model)
+        if reason:
+            raise Unsupported(reason)
+        return cls(model, slots)
+
+    def refresh(self) -> None:
+        """Read the layers' projections and adapters again (after an adapter is loaded); Unsupported
+        if an adapter is not plain LoRA on the linear layers."""
+        reason = adapter_reason(self.model)
+        if reason:
+            raise Unsupported(reason)
+        self.layers = [[_projection(getattr(getattr(layer, part), name)) for part, name in PROJECTIONS]
+                       for layer in self.inner.layers]
+
+    # ── the cache ───────────────────────────────────────────────────────────────────────────
+    def reserve(self, columns: int, like) -> None:
+        """Make every slot hold at least `columns` positions (doubling; existing contents kept)."""
+        import torch
+
+        if columns <= self.capacity:
+            return
+        capacity = max(columns, 2 * self.capacity, MIN_CAPACITY)
+        if self.context:
+            capacity = max(columns, min(capacity, self.context))
+        shape = (self.slots, self.kv_heads, capacity, self.head_dim)
+        grown_keys, grown_values = [], []
+        for i in range(len(self.inner.layers)):
+            k = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            v = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            if self.capacity:
+                k[:, :, :self.capacity] = self.keys[i]
+                v[:, :, :self.capacity] = self.values[i]
+            grown_keys.append(k)
+            grown_values.append(v)
+        self.keys, self.values, self.capacity = grown_keys, grown_values, capacity
+
+    def release(self) -> None:
+        """Free a cache longer than KEEP_CAPACITY (called when no reply is running)."""
+        if self.capacity > KEEP_CAPACITY:
+            self.keys, self.values, self.capacity = [], [], 0
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy slot `source`'s first `length` columns into slot `target` (a row changing slots)."""
+        for k, v in zip(self.keys, self.values, strict=True):
+            k[target, :, :length] = k[source, :, :length]
+            v[target, :, :length] = v[source, :, :length]
+
+    # ── the forward pass ────────────────────────────────────────────────────────────────────
+    def forward(self, ids, slots: list[int], starts: list[int], last: list[int], adapters: list[str]):
+        """Run `ids` [rows, T] (row i: tokens at positions starts[i].. of slot slots[i], right-padded),
+        write their keys and values into the slots, and return float logits [rows, vocab] at each row's
+        position `last[i]` (its last real token, an index into T). Slots must be distinct."""
+        import torch
+        import torch.nn.functional as F
+
+        rows, width = ids.shape
+        device = ids.device
+        first = slots[0]
+        contiguous = slots == list(range(first, first + rows))
+        slot_index = torch.tensor(slots, device=device)
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)
+        columns = max(starts) + width
+        hidden = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(hidden, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        self.reserve(columns, hidden)
+        # Row i's query at position p sees the columns 0..p of its own slot.
+        mask = (torch.arange(columns, device=device) <= positions[:, :, None])[:, None]
+        groups = _groups(adapters, device)
+        gqa = self.kv_heads != self.heads
+        for layer, (q_proj, k_proj, v_proj, o_proj, gate, up, down), keys, values in zip(
+                self.inner.layers, self.layers, self.keys, self.values, strict=True):
+            x = layer.input_layernorm(hidden)
+            q = q_proj(x, groups).view(rows, width, -1, self.head_dim).transpose(1, 2)
+            k = k_proj(x, groups).view(rows, width, -1, self.head_dim).transpose(1, 2)
+            v = v_proj(x, groups).view(rows, width, -1, self.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys[slot_index[:, None], :, positions] = k.transpose(1, 2)
+            values[slot_index[:, None], :, positions] = v
+            if contiguous:  # a view: the batch's slots are first..first+rows-1
+                seen_k, seen_v = keys[first:first + rows, :, :columns], values[first:first + rows, :, :columns]
+            else:
+                seen_k, seen_v = keys[slot_index, :, :columns], values[slot_index, :, :columns]
+            attended = F.scaled_dot_product_attention(q, seen_k, seen_v, attn_mask=mask, scale=self.scaling,
+                                                      enable_gqa=gqa)
+            hidden = hidden + o_proj(attended.transpose(1, 2).reshape(rows, width, -1), groups)
+            x = layer.post_attention_layernorm(hidden)
+            hidden = hidden + down(layer.mlp.act_fn(gate(x, groups)) * up(x, groups), groups)
+        ends = hidden[torch.arange(rows, device=device), torch.tensor(last, device=device)]
+        return _linear(self.head, self.inner.norm(ends)).float()
+
+
+SKINNY_ROWS = 16  # up to this many rows, W @ x^T beats x @ W^T on CPU (see `_linear`)
+
+
+def _linear(module, x):
+    """`module(x)` for an nn.Linear or a 4-bit layer. For a dense weight and 2..SKINNY_ROWS rows it
+    computes W @ x^T instead of x @ W^T: the same dot products, but on a 2-core CPU oneDNN/MKL pick a
+    far faster kernel for a wide weight times a few columns (30 Llama layers of SmolLM2 at 8 rows:
+    ~64 ms vs ~95 ms; its 49k-row head: ~15 ms vs ~37 ms; bench/NOTES.md). Rounding may differ from
+    x @ W^T in the last bits; greedy replies agree on our tests."""
+    import torch
+
+    weight = getattr(module, "weight", None)
+    rows = x.numel() // x.shape[-1]
+    if type(module) is not torch.nn.Linear or not 2 <= rows <= SKINNY_ROWS:  # not a 4-bit subclass
+        return module(x)
+    out = (weight @ x.reshape(rows, -1).T).T
+    if module.bias is not None:
+        out = out + module.bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _rotate_half(x):
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _groups(adapters: list[str], device) -> list:
+    """[(adapter, row index tensor | None for all rows)] for the adapters in a batch ("__base__" left out)."""
+    import torch
+
+    names = set(adapters) - {BASE_ROWS}
+    if len(set(adapters)) == 1:
+        return [(name, None) for name in names]
+    return [(name, torch.tensor([i for i, a in enumerate(adapters) if a == name], device=device)) for name in names]
+
+
+def _projection(module) -> Projection:
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return Projection(module, {})
+    loras = {name: (module.lora_A[name], module.lora_B[name], module.scaling[name]) for name in module.lora_A}
+    return Projection(base, loras)
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast path cannot run `model` (None: it can)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in ARCHITECTURES:
+        return f"model type {kind!r} is not one the fast path runs ({', '.join(ARCHITECTURES)})"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < (config.max_position_embeddings or 0):
+        return f"sliding-window attention ({window} tokens) is not in the fast path"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1 is not in the fast path"
+    inner = getattr(base, "model", None)
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(base, "lm_head"):
+        return "the model does not have the layout of a Llama-family causal LM"
+    return adapter_reason(model)
+
+
+def adapter_reason(model) -> str | None:
+    """Why the fast path cannot run `model`'s adapters (None: they are plain LoRA on the projections)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    allowed = {id(getattr(getattr(layer, part), name)) for layer in base.model.layers for part, name in PROJECTIONS}
+    for name, module in base.named_modules():
+        if hasattr(module, "modules_to_save") and getattr(module, "modules_to_save", None):
+            return f"an adapter saves {name} whole (modules_to_save)"
+        if not hasattr(module, "lora_A"):
+            continue
+        if id(module) not in allowed:
+            return f"an adapter puts LoRA on {name}, which the fast path does not run"
+        for adapter in module.lora_A:
+            if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter):
+                return f"adapter {adapter} on {name} is a LoRA variant (e.g. DoRA)"
+            if getattr(module, "lora_bias", {}).get(adapter):
+                return f"adapter {adapter} on {name} has a LoRA bias"
+        if getattr(module, "merged_adapters", None):
+            return f"an adapter is merged into {name}"
+    return None
