@@ -9,9 +9,11 @@ serve-cpu-<base>-<date>.json.
 
 `--base PATH|smollm2` (a model folder, a .gguf file or a short name from `chatbuild.bases`) runs, for
 each `--quant` precision in turn (default nf4 bf16 fp32, as `chatbuild serve --quant` loads them): the
-base's memory (its weights' bytes, the process's resident memory after loading), plain `generate` and
-the engine at batch 1, and the engine through the HTTP API at 1, 8 and 32 clients (continuous
-batching only), with rank-8 random adapters a and b as below. Defaults: 32 new tokens, 3 trials.
+base's memory (its weights' bytes, the process's resident memory after loading), plain `generate` at
+batch 1, and for each `--decoders` (default fast hf, as `chatbuild serve --decoder`) the engine at batch
+1 and through the HTTP API at 1, 8 and 32 clients (continuous batching only), with rank-8 random
+adapters a and b as below; then `goals`: each engine against plain `generate` in NF4. Defaults: 32 new
+tokens, 3 trials.
 A real model emits EOS, so a reply may end before `max_tokens`: tok/s counts the tokens made.
 
 The model: a base with random weights in NF4 (double quantization), with two random LoRA adapters
@@ -294,6 +296,8 @@ def main() -> int:
     which.add_argument("--base", help="CPU: a local model folder, a .gguf file or smollm2, at each --quant")
     p.add_argument("--quant", nargs="+", default=["nf4", "bf16", "fp32"],
                    help="with --base: the serving precisions to compare (nf4, bf16, fp32)")
+    p.add_argument("--decoders", nargs="+", default=["fast", "hf"], choices=("fast", "hf"),
+                   help="with --base: the engine's decoders to compare (default fast hf)")
     p.add_argument("--rank", type=int, help="LoRA rank of the adapters (8 tiny and base, 64 shape)")
     p.add_argument("--max-tokens", type=int, help="new tokens per request (32 tiny and base, 128 shape)")
     p.add_argument("--clients", type=int, nargs="+", help="concurrent clients to try (default 1 8 32 64; base 1 8 32)")
@@ -401,17 +405,46 @@ def precisions(args, log) -> dict:
         log(f"{precision}: weights {row['weights_mb']} MB, resident {row['rss_mb']} MB, loaded in {row['load_s']} s")
         row["plain_generate_batch1"] = plain_generate(model, ids, args.max_tokens, args.trials)
         log(f"  plain generate, batch 1: {row['plain_generate_batch1']}")
-        engine = HFEngine.from_model(model, tokenizer, name, adapters={"a": "a", "b": "b"},
-                                     max_batch=max(2, *args.clients))
-        row["engine_batch1"] = engine_batch1(engine, args.max_tokens, args.trials)
-        row["engine_vs_plain_decode"] = round(row["engine_batch1"]["decode_tok_s"]
-                                              / row["plain_generate_batch1"]["decode_tok_s"], 2)
-        log(f"  engine, batch 1: {row['engine_batch1']} ({row['engine_vs_plain_decode']}x plain)")
-        row["http"] = http_sweep(engine, args.clients, args.max_tokens, args.requests_per_client, log)
-        engine.close()
-        del model, engine
+        row["by_decoder"] = {}
+        for decoder in args.decoders:
+            engine = HFEngine.from_model(model, tokenizer, name, adapters={"a": "a", "b": "b"},
+                                         max_batch=max(2, *args.clients), decoder=decoder)
+            run = row["by_decoder"][decoder] = {"decoder": engine.decoder}
+            run["engine_batch1"] = engine_batch1(engine, args.max_tokens, args.trials)
+            run["engine_vs_plain_decode"] = round(run["engine_batch1"]["decode_tok_s"]
+                                                  / row["plain_generate_batch1"]["decode_tok_s"], 2)
+            log(f"  engine ({engine.decoder} decoder), batch 1: {run['engine_batch1']} "
+                f"({run['engine_vs_plain_decode']}x plain)")
+            run["http"] = http_sweep(engine, args.clients, args.max_tokens, args.requests_per_client, log)
+            engine.close()
+            del engine
+        del model
         gc.collect()
+    result["goals"] = goals(result)
+    log(f"goals: {json.dumps(result['goals'])}")
     return result
+
+
+def goals(result: dict) -> dict:
+    """Issue 22's targets, read off this run: each engine (precision x decoder) against plain `generate`
+    on the base in NF4 (the baseline the targets name), at batch 1, 8 and 32 clients."""
+    rows = result["by_precision"]
+    baseline = rows.get("nf4", {}).get("plain_generate_batch1", {}).get("decode_tok_s")
+    out = {"baseline": "plain generate, nf4, batch 1", "baseline_decode_tok_s": baseline, "engines": {}}
+    for precision, row in rows.items():
+        for decoder, run in row["by_decoder"].items():
+            by_clients = {r["clients"]: r for r in run["http"]}
+            entry = {"batch1_vs_nf4_plain": baseline and round(run["engine_batch1"]["decode_tok_s"] / baseline, 2)}
+            for clients in (8, 32):
+                if clients in by_clients:
+                    entry[f"tok_s_at_{clients}"] = by_clients[clients]["aggregate_tok_s"]
+                    entry[f"ttft_p95_at_{clients}"] = by_clients[clients]["ttft_p95_s"]
+            entry["met"] = {"batch1 >= 3x": bool(baseline) and entry["batch1_vs_nf4_plain"] >= 3,
+                            "8 streams >= 100 tok/s": entry.get("tok_s_at_8", 0) >= 100,
+                            "32 streams >= 150 tok/s, p95 ttft < 3 s": entry.get("tok_s_at_32", 0) >= 150
+                            and entry.get("ttft_p95_at_32", 99) < 3}
+            out["engines"][f"{precision}/{decoder}"] = entry
+    return out
 
 
 def load_at(path: str, precision: str, rank: int) -> dict:

@@ -268,3 +268,29 @@ def adapter_reason(model) -> str | None:
         if getattr(module, "merged_adapters", None):
             return f"an adapter is merged into {name}"
     return None
+
+
+def adapter_config_reason(adapter_dir) -> str | None:
+    """Why the fast path cannot run the saved PEFT adapter in `adapter_dir`, read from its
+    adapter_config.json before anything is loaded (None: plain LoRA on linear layers, as far as the
+    file says; `adapter_reason` checks the loaded modules)."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None  # loading it will say what is wrong
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    if config.get("peft_type", "LORA") != "LORA":
+        return f"a {config['peft_type']} adapter (the fast path runs LoRA)"
+    if config.get("use_dora"):
+        return "a DoRA adapter (use_dora)"
+    if config.get("lora_bias"):
+        return "a LoRA adapter with a bias (lora_bias)"
+    if config.get("modules_to_save"):
+        return f"an adapter that saves {', '.join(config['modules_to_save'])} whole (modules_to_save)"
+    if {"lm_head", "embed_tokens"} & set(targets):
+        return "LoRA on the embeddings or the head"
+    return None

@@ -197,11 +197,21 @@ class HFEngine:
             raise UserError(f"these runs were trained on different bases ({groups}); one server hosts one base, "
                             "so start one `chatbuild serve` per base")
         m = loaded[0].config.model if loaded else ModelSettings(base=base)
+        note = ""
+        if check_decoder(decoder) == "auto":  # a run the fast path cannot run: serve them all with hf
+            from chatbuild.engines.decoder import adapter_config_reason
+
+            for run in loaded:
+                reason = adapter_config_reason(run.adapter_dir)
+                if reason:
+                    decoder, note = "hf", f"transformers' forward pass: run {run.name} has {reason}"
+                    break
         engine = cls(base or m.base, revision=m.revision, quant=m.quant, double_quant=m.double_quant,
                      compute_dtype=m.compute_dtype, quant_storage=m.quant_storage, trust_remote_code=m.trust_remote_code,
                      device=device, base_name=base_name, chat_format=chat_format,
                      max_prompt_tokens=max_prompt_tokens, max_batch=max_batch, precision=precision,
                      decoder=decoder)
+        engine.decoder_note = note or engine.decoder_note
         if loaded:
             engine.base_key = loaded[0].base_key()  # what later runs must name, even when `base` moved it
         for run in loaded:
