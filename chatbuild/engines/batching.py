@@ -1,37 +1,39 @@
 """Continuous batching for the in-process engine: many replies, one forward pass per token step.
 
-    scheduler = Scheduler(forward, max_batch=16)      # forward(input_ids, attention_mask, position_ids, cache, adapters)
+    scheduler = Scheduler(SlotBatch(decoder, forward, device), max_batch=16)   # or HFBatch(forward, device)
     scheduler.submit(request)                          # from any thread; events arrive on request.events
     scheduler.close()
 
 One background thread owns the decoding. Each iteration it
   1. drops rows whose reply is over (finished, cancelled, or abandoned by their reader);
   2. admits waiting requests, up to `max_batch` rows and `prefill_tokens` prompt tokens a step: the
-     first waiting prompts are prefilled together in one left-padded pass (each row its own adapter and
-     position ids) into a fresh `DynamicCache`, or a prompt longer than `prefill_tokens` one chunk at a
-     time, alone, over several steps; each row's first token is sampled from the prefill logits, and
-     the prefilled cache is merged into the running batch's cache;
-  3. runs ONE forward pass over all rows (one new token each), with PEFT's `adapter_names` giving each
-     row its own adapter ("__base__" = the bare base), so requests for different runs share a batch;
+     first waiting prompts are prefilled together in one pass (each row its own adapter and
+     positions), or a prompt longer than `prefill_tokens` one chunk at a time, alone, over several
+     steps; each row's first token is sampled from the prefill logits and the row joins the batch;
+  3. runs ONE forward pass over all rows (one new token each), each row with its own adapter
+     ("__base__" = the bare base), so requests for different runs share a batch;
   4. samples every row with that row's own picker (its temperature, top-p/k, penalty, seeded
      generator, guided choices) and hands the token to the row's reader.
 
-The batch cache is left-padded: row i's real tokens are the last `lengths[i]` positions of every
-layer's keys/values, the positions before them are zeros that the 2-D attention mask hides, and each
-row's position ids count only its real tokens. So a row computes what it would compute alone, up to
-floating-point reassociation in batched matrix products (greedy tokens agree on our tests; sampled
-ones agree unless two tokens' probabilities differ in the last bits). Rows join by padding the shorter
-side on the left, and leave by indexing the batch dimension; leading columns that only padding uses
-are trimmed then.
+Where the keys and values live is the running batch's business, behind one small interface (see
+`HFBatch`): `SlotBatch` runs `chatbuild.engines.decoder.SlotDecoder`, the fast path (fixed KV slots:
+row i of the batch owns slot i, a step attends over a view of slots 0..n-1, rows join into free slots
+and a leaving row's slot is taken by the last row, so nothing is concatenated or re-padded), and
+`HFBatch` runs transformers' forward with PEFT's `adapter_names` over a left-padded `DynamicCache`
+(`KVBatch`: row i's real tokens are the last `lengths[i]` positions, the zeros before them are hidden
+by the 2-D mask, and rows join by padding the shorter side and leave by indexing the batch). Either
+way a row computes what it would compute alone, up to floating-point reassociation in batched matrix
+products (greedy tokens agree on our tests; sampled ones agree unless two tokens' probabilities differ
+in the last bits).
 
 Failures: whatever fails for one row (its prefill, its sampler: a picker that raises, probabilities
 that are not finite) ends that row alone with the exception; it leaves the batch at the next step
 like a finished row, and the other rows go on with their cache. Only a failed batched forward pass
-fails every row in it: the layers it had already run have appended the step's keys and values to
-the shared cache and the rest have not, so no row's cache can be trusted. The rows could be retried:
-each keeps its prompt and reply so far (`seen`) and its picker, so prefilling `seen` alone would
-rebuild its cache and single out a row that cannot run. Not done yet, since no request we know of
-makes a valid batch's forward pass fail (an out-of-memory aside, which such a retry would help).
+fails every row in it: the layers it had already run have written the step's keys and values and the
+rest have not, so no row's cache can be trusted. The rows could be retried: each keeps its prompt and
+reply so far (`seen`) and its picker, so prefilling `seen` alone would rebuild its cache and single
+out a row that cannot run. Not done yet, since no request we know of makes a valid batch's forward
+pass fail (an out-of-memory aside, which such a retry would help).
 
 The scheduler knows tokens, not text: its events are (token, finish) pairs, and the reading thread
 turns tokens into text and checks stop strings (which keeps the tokenizer work off the decode thread);
@@ -40,15 +42,8 @@ a reader that has seen enough sets `request.abandoned` and the row leaves at the
 Prefill is bounded so that running rows wait for at most one pass of `prefill_tokens` tokens (256) between
 two steps: 32 prompts arriving together take a few batched passes instead of 32, and a 4,000-token
 prompt joins after 16 chunks while the others keep decoding. A batched prefill that fails is retried
-prompt by prompt, so a prompt that cannot run fails alone.
-
-Where a faster decode path goes (issues 11a and 22): `KVBatch` + `forward` are the whole interface
-between the scheduler and the model. A static, preallocated cache with fixed batch slots (rows take a
-free slot instead of concatenating) and a CUDA-graph-captured or `torch.compile`d decode step can
-replace them without touching admission, sampling or the readers. Not done yet: on a 2-core CPU with
-SmolLM2-135M in fp32, 83% of a batch-1 step is `aten::mm` (torch profiler, 2026-12-02), so the step is
-bound by the matrix products, not by Python or the cache copies, and a compiled step could save at
-most the rest; on a GPU, where launches dominate, it is the next step.
+prompt by prompt, so a prompt that cannot run fails alone. The p95 time to first token this gives
+under load is measured by bench/serve.py.
 """
 
 import threading

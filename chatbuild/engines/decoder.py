@@ -35,8 +35,6 @@ Anything else (DoRA or other LoRA variants, LoRA on embeddings or the head, `mod
 other architectures) is refused with the reason, and the engine serves through transformers instead.
 """
 
-from dataclasses import dataclass
-
 BASE_ROWS = "__base__"  # PEFT's name for "no adapter" in mixed batches (chatbuild.engines.BASE_ADAPTER)
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
@@ -49,26 +47,82 @@ class Unsupported(Exception):
     """The model or one of its adapters is not one the fast path runs (the message says why)."""
 
 
-@dataclass
 class Projection:
     """One linear layer: its base (nn.Linear or a 4-bit layer: called as is) and its LoRA adapters
-    {PEFT adapter name: (A, B, scaling)}."""
+    {PEFT adapter name: (A, B, scaling)}.
 
-    base: object
-    loras: dict
+    A batch whose rows all use one adapter gets PEFT's arithmetic, `B(A(x)) * scaling`. A mixed batch
+    gets every adapter in two products instead of a gather, two products and a scatter per adapter:
+    `x @ A_all^T` (the adapters' A matrices stacked, ranks r1 + r2 + ...), times a 0/1 mask that keeps
+    each row's own adapter's columns, `@ B_all^T` (the B matrices side by side, each times its
+    scaling). The zeros add nothing, so each row gets its own adapter's product (rounding aside); the
+    cost is a few extra rank columns, and with three adapters in a batch of 8 it halves the step's
+    LoRA time (the per-group indexing dominated; bench/NOTES.md). The idea is Punica's / S-LoRA's
+    batched multi-adapter kernels, done with dense products on a CPU."""
 
-    def __call__(self, x, groups):
+    def __init__(self, base, loras: dict):
+        import torch
+
+        self.base, self.loras = base, loras
+        self.layout, self.a_all, self.b_all = (), None, None
+        if loras:
+            start, layout = 0, []
+            for name, (a, _, _) in loras.items():
+                layout.append((name, start, start + a.weight.shape[0]))
+                start += a.weight.shape[0]
+            self.layout = tuple(layout)
+            with torch.no_grad():
+                self.a_all = torch.cat([a.weight for a, _, _ in loras.values()])
+                self.b_all = torch.cat([b.weight * scaling for _, b, scaling in loras.values()], dim=1)
+
+    def __call__(self, x, plan: "AdapterPlan"):
         out = _linear(self.base, x)
-        for adapter, rows in groups:
-            lora = self.loras.get(adapter)
-            if lora is None:
-                continue
-            a, b, scaling = lora
-            if rows is None:  # every row of the batch uses this adapter
+        if plan.single is not None:
+            lora = self.loras.get(plan.single)
+            if lora is not None:  # every row of the batch uses this adapter
+                a, b, scaling = lora
                 out = out + b(a(x.to(a.weight.dtype))).to(out.dtype) * scaling
-            else:
-                out[rows] += (b(a(x[rows].to(a.weight.dtype))) * scaling).to(out.dtype)
+        elif self.layout:
+            mask = plan.mask(self.layout, x)
+            if mask is not None:
+                low_rank = (x.to(self.a_all.dtype) @ self.a_all.T) * mask
+                out = out + (low_rank @ self.b_all.T).to(out.dtype)
         return out
+
+
+class AdapterPlan:
+    """Which adapter each row of one forward pass uses: `single`, the name when all rows use the same
+    (None: a mixed batch, or every row bare), and for a mixed batch the rank-column masks, built once
+    per pass for each layout of stacked adapters (`Projection`)."""
+
+    def __init__(self, adapters: list[str], device):
+        names = set(adapters)
+        self.adapters, self.device = adapters, device
+        self.single = adapters[0] if len(names) == 1 and adapters[0] != BASE_ROWS else None
+        self.bare = names == {BASE_ROWS}
+        self._masks: dict = {}
+
+    def mask(self, layout: tuple, x):
+        """[rows, 1 (if x has a sequence axis), columns] of 0/1: row i keeps its adapter's columns;
+        None when no row uses any adapter of `layout`."""
+        import torch
+
+        if self.bare:
+            return None
+        key = (layout, x.dim(), x.dtype)
+        if key not in self._masks:
+            columns = layout[-1][2]
+            mask = torch.zeros(len(self.adapters), columns, dtype=x.dtype)
+            where = {name: (start, end) for name, start, end in layout}
+            used = False
+            for row, adapter in enumerate(self.adapters):
+                if adapter in where:
+                    start, end = where[adapter]
+                    mask[row, start:end] = 1
+                    used = True
+            mask = mask.to(self.device)
+            self._masks[key] = (mask[:, None, :] if x.dim() == 3 else mask) if used else None
+        return self._masks[key]
 
 
 class SlotDecoder:
@@ -160,7 +214,7 @@ class SlotDecoder:
         self.reserve(columns, hidden)
         # Row i's query at position p sees the columns 0..p of its own slot.
         mask = (torch.arange(columns, device=device) <= positions[:, :, None])[:, None]
-        groups = _groups(adapters, device)
+        groups = AdapterPlan(adapters, device)
         gqa = self.kv_heads != self.heads
         for layer, (q_proj, k_proj, v_proj, o_proj, gate, up, down), keys, values in zip(
                 self.inner.layers, self.layers, self.keys, self.values, strict=True):
@@ -211,16 +265,6 @@ def _rotate_half(x):
 
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _groups(adapters: list[str], device) -> list:
-    """[(adapter, row index tensor | None for all rows)] for the adapters in a batch ("__base__" left out)."""
-    import torch
-
-    names = set(adapters) - {BASE_ROWS}
-    if len(set(adapters)) == 1:
-        return [(name, None) for name in names]
-    return [(name, torch.tensor([i for i, a in enumerate(adapters) if a == name], device=device)) for name in names]
 
 
 def _projection(module) -> Projection:

@@ -5,11 +5,14 @@
     engine.models()                                         # ["a", "b", "tiny-base"]: runs, then the bare base
     engine.load_adapter("c", "runs/c")                      # hot-load another run on the same base
 
-How a request picks its adapter without touching shared state: every forward pass gets PEFT's
-`adapter_names` list, one entry per batch row (PEFT's mixed-adapter inference; `"__base__"` = no
-adapter), so nothing like `set_adapter` is ever toggled and requests for different runs share one
-forward pass. PEFT implements `adapter_names` with forward hooks that live for the duration of one
-call on the shared modules, so calls must not overlap: forward passes and adapter loading take one lock.
+How a request picks its adapter without touching shared state: every forward pass names each batch
+row's adapter (`"__base__"` = none), so nothing like `set_adapter` is ever toggled and requests for
+different runs share one forward pass. Two forward passes can decode (`DECODERS`, `serve --decoder`):
+the fast one (`chatbuild.engines.decoder`: fixed KV slots, a lean Llama-family layer loop that adds
+each row group's LoRA itself; the default on a CPU where it runs the model) and transformers' own
+with PEFT's `adapter_names` (any causal LM and PEFT adapter). PEFT implements `adapter_names` with
+forward hooks that live for the duration of one call on the shared modules, and the fast path reads
+the adapters' modules, so calls must not overlap: forward passes and adapter loading take one lock.
 
 Concurrent requests are batched continuously (`chatbuild.engines.batching`): one decode thread runs
 one forward pass per token step for every running reply, replies join and leave the batch between
