@@ -143,23 +143,31 @@ def test_a_leaving_rows_slot_is_taken_by_the_last_row_and_a_chunked_prompt_moves
 
 
 def test_the_cache_grows_by_doubling_keeps_its_contents_and_is_released_when_long(tiny_fp32):
+    """Columns and slots are allocated as rows need them (a long prompt alone holds one slot's
+    worth, not `slots` of them), grow by doubling with their contents kept, and a long cache is
+    released when the batch empties."""
     import torch
 
     from chatbuild.engines import decoder as fast
 
-    decoder = fast.SlotDecoder.for_model(tiny_fp32, slots=2)
+    decoder = fast.SlotDecoder.for_model(tiny_fp32, slots=8)
     with torch.inference_mode():
         decoder.forward(torch.tensor([[1, 2, 3]]), [1], [0], [2], ["a"])
-        assert decoder.capacity == fast.MIN_CAPACITY
+        assert decoder.capacity == fast.MIN_CAPACITY and decoder.allocated == 2
+        assert decoder.keys[0].shape[0] == 2
         before = decoder.keys[0][1, :, :3].clone()
-        decoder.reserve(fast.MIN_CAPACITY + 1, decoder.keys[0])
-        assert decoder.capacity == 2 * fast.MIN_CAPACITY
+        decoder.forward(torch.tensor([[4]] * 3), [0, 1, 2], [0, 3, 0], [0, 0, 0], ["a", "a", "__base__"])
+        assert decoder.allocated == 4  # doubled for the third slot
+        decoder.reserve(fast.MIN_CAPACITY + 1, 1, decoder.keys[0])
+        assert decoder.capacity == 2 * fast.MIN_CAPACITY and decoder.allocated == 4
         assert torch.equal(decoder.keys[0][1, :, :3], before)
+        decoder.reserve(10, 8, decoder.keys[0])
+        assert decoder.allocated == 8 and torch.equal(decoder.keys[0][1, :, :3], before)
         decoder.release()
         assert decoder.capacity == 2 * fast.MIN_CAPACITY  # short caches are kept for the next batch
-        decoder.reserve(fast.KEEP_CAPACITY + 1, decoder.keys[0])
+        decoder.reserve(fast.KEEP_CAPACITY + 1, 1, decoder.keys[0])
         decoder.release()
-        assert decoder.capacity == 0 and decoder.keys == []
+        assert decoder.capacity == 0 and decoder.allocated == 0 and decoder.keys == []
 
 
 @pytest.mark.integration

@@ -16,8 +16,10 @@ What it does instead, with the model's own weights and modules (no copy of the b
   step writes each row's new key/value in place (index_put) and attends over a view of the slots the
   batch uses, masked per row to its own length: nothing is concatenated, padded or re-indexed, and a
   row joining or leaving copies nothing (the scheduler keeps the running rows in slots 0..n-1 by
-  moving the last row into a leaver's slot: one row's cache, not the batch's). The capacity grows by
-  doubling when a row needs more columns (one copy, amortized), and is released when the batch empties.
+  moving the last row into a leaver's slot: one row's cache, not the batch's). The columns per slot
+  and the slots allocated grow by doubling when a row needs more (one copy, amortized), so memory
+  follows the batch (one long conversation alone holds one slot's worth), and a long cache is
+  released when the batch empties.
 - **Right-padded prefill.** Prompts prefilled together are padded on the right, so every row's
   tokens sit at their true positions from column 0; the padding's keys land in columns past the
   row's length, which the mask hides and the row's next tokens overwrite. A long prompt's chunks
@@ -138,7 +140,7 @@ class SlotDecoder:
         self.scaling = self.head_dim ** -0.5
         self.context = getattr(config, "max_position_embeddings", None)
         self.slots = slots
-        self.capacity = 0
+        self.capacity = self.allocated = 0  # columns per slot, slots allocated (both grow: `reserve`)
         self.keys: list = []
         self.values: list = []
         self.refresh()
@@ -161,31 +163,34 @@ class SlotDecoder:
                        for layer in self.inner.layers]
 
     # ── the cache ───────────────────────────────────────────────────────────────────────────
-    def reserve(self, columns: int, like) -> None:
-        """Make every slot hold at least `columns` positions (doubling; existing contents kept)."""
+    def reserve(self, columns: int, rows: int, like) -> None:
+        """Make slots 0..rows-1 hold at least `columns` positions each. Both the slots allocated and the
+        columns grow by doubling (existing contents kept), so memory follows the batch: one long
+        conversation alone takes one slot's worth, not `slots` of them."""
         import torch
 
-        if columns <= self.capacity:
+        if columns <= self.capacity and rows <= self.allocated:
             return
-        capacity = max(columns, 2 * self.capacity, MIN_CAPACITY)
+        capacity = max(columns, 2 * self.capacity, MIN_CAPACITY) if columns > self.capacity else self.capacity
         if self.context:
             capacity = max(columns, min(capacity, self.context))
-        shape = (self.slots, self.kv_heads, capacity, self.head_dim)
+        allocated = min(self.slots, max(rows, 2 * self.allocated)) if rows > self.allocated else self.allocated
+        shape = (allocated, self.kv_heads, capacity, self.head_dim)
         grown_keys, grown_values = [], []
         for i in range(len(self.inner.layers)):
             k = torch.zeros(shape, dtype=like.dtype, device=like.device)
             v = torch.zeros(shape, dtype=like.dtype, device=like.device)
             if self.capacity:
-                k[:, :, :self.capacity] = self.keys[i]
-                v[:, :, :self.capacity] = self.values[i]
+                k[:self.allocated, :, :self.capacity] = self.keys[i]
+                v[:self.allocated, :, :self.capacity] = self.values[i]
             grown_keys.append(k)
             grown_values.append(v)
-        self.keys, self.values, self.capacity = grown_keys, grown_values, capacity
+        self.keys, self.values, self.capacity, self.allocated = grown_keys, grown_values, capacity, allocated
 
     def release(self) -> None:
         """Free a cache longer than KEEP_CAPACITY (called when no reply is running)."""
         if self.capacity > KEEP_CAPACITY:
-            self.keys, self.values, self.capacity = [], [], 0
+            self.keys, self.values, self.capacity, self.allocated = [], [], 0, 0
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy slot `source`'s first `length` columns into slot `target` (a row changing slots)."""
@@ -211,7 +216,7 @@ class SlotDecoder:
         hidden = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(hidden, positions)
         cos, sin = cos[:, None], sin[:, None]
-        self.reserve(columns, hidden)
+        self.reserve(columns, max(slots) + 1, hidden)
         # Row i's query at position p sees the columns 0..p of its own slot.
         mask = (torch.arange(columns, device=device) <= positions[:, :, None])[:, None]
         groups = AdapterPlan(adapters, device)
