@@ -51,6 +51,8 @@ def test_auto_is_fp32_on_cpu_when_a_quarter_of_the_memory_holds_it(tiny_base, mo
     (["--base", "tiny", "--quant", "int3"], '--quant: "int3" is not a serving precision'),
     (["--engine", "openai", "--remote-url", "http://127.0.0.1:9/v1", "--quant", "fp32"],
      "--quant applies to the hf engine"),
+    (["--engine", "openai", "--remote-url", "http://127.0.0.1:9/v1", "--decoder", "fast"],
+     "--decoder applies to the hf engine"),
 ])
 def test_serve_refuses_a_bad_quant_in_one_line_before_loading(args, message):
     out = subprocess.run([sys.executable, "-m", "chatbuild.cli", "serve", *args, "--no-ui"], capture_output=True,

@@ -105,6 +105,7 @@ def test_bare_smollm2_is_served_in_its_own_template_and_equals_plain_transformer
             assert choice["finish_reason"] == "stop", (name, choice)
     assert model == "SmolLM2-135M-Instruct"
     assert "base: importing" not in log.read_text()  # the session's import was found, not redone
+    assert "[nf4, fast decoder]" in log.read_text()  # the start-up line says how it serves (NF4 4-bit layers)
     expected = plain_transformers_replies(smollm2_base)
     print(f"\nserved: {served}\nplain transformers: {expected}")
     assert served == expected

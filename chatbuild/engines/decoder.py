@@ -78,6 +78,8 @@ class Projection:
                 self.b_all = torch.cat([b.weight * scaling for _, b, scaling in loras.values()], dim=1)
 
     def __call__(self, x, plan: "AdapterPlan"):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [rows * tokens, features]: 2-D products, no batched copies
         out = _linear(self.base, x)
         if plan.single is not None:
             lora = self.loras.get(plan.single)
@@ -85,11 +87,11 @@ class Projection:
                 a, b, scaling = lora
                 out = out + b(a(x.to(a.weight.dtype))).to(out.dtype) * scaling
         elif self.layout:
-            mask = plan.mask(self.layout, x)
+            mask = plan.mask(self.layout, shape[1] if len(shape) == 3 else 1, self.a_all.dtype)
             if mask is not None:
                 low_rank = (x.to(self.a_all.dtype) @ self.a_all.T) * mask
                 out = out + (low_rank @ self.b_all.T).to(out.dtype)
-        return out
+        return out.view(*shape[:-1], out.shape[-1])
 
 
 class AdapterPlan:
@@ -104,17 +106,17 @@ class AdapterPlan:
         self.bare = names == {BASE_ROWS}
         self._masks: dict = {}
 
-    def mask(self, layout: tuple, x):
-        """[rows, 1 (if x has a sequence axis), columns] of 0/1: row i keeps its adapter's columns;
+    def mask(self, layout: tuple, tokens: int, dtype):
+        """[rows * tokens, columns] of 0/1: each token of row i keeps the columns of row i's adapter;
         None when no row uses any adapter of `layout`."""
         import torch
 
         if self.bare:
             return None
-        key = (layout, x.dim(), x.dtype)
+        key = (layout, tokens, dtype)
         if key not in self._masks:
             columns = layout[-1][2]
-            mask = torch.zeros(len(self.adapters), columns, dtype=x.dtype)
+            mask = torch.zeros(len(self.adapters), columns, dtype=dtype)
             where = {name: (start, end) for name, start, end in layout}
             used = False
             for row, adapter in enumerate(self.adapters):
@@ -122,8 +124,8 @@ class AdapterPlan:
                     start, end = where[adapter]
                     mask[row, start:end] = 1
                     used = True
-            mask = mask.to(self.device)
-            self._masks[key] = (mask[:, None, :] if x.dim() == 3 else mask) if used else None
+            mask = mask.repeat_interleave(tokens, dim=0).to(self.device)
+            self._masks[key] = mask if used else None
         return self._masks[key]
 
 
