@@ -78,14 +78,16 @@ class Projection:
                 self.b_all = torch.cat([b.weight * scaling for _, b, scaling in loras.values()], dim=1)
 
     def __call__(self, x, plan: "AdapterPlan"):
+        import torch.nn.functional as F
+
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [rows * tokens, features]: 2-D products, no batched copies
         out = _linear(self.base, x)
         if plan.single is not None:
             lora = self.loras.get(plan.single)
-            if lora is not None:  # every row of the batch uses this adapter
+            if lora is not None:  # every row of the batch uses this adapter: PEFT's order of operations
                 a, b, scaling = lora
-                out = out + b(a(x.to(a.weight.dtype))).to(out.dtype) * scaling
+                out = out + F.linear(F.linear(x.to(a.weight.dtype), a.weight), b.weight).to(out.dtype) * scaling
         elif self.layout:
             mask = plan.mask(self.layout, shape[1] if len(shape) == 3 else 1, self.a_all.dtype)
             if mask is not None:
@@ -250,21 +252,21 @@ SKINNY_ROWS = 16  # up to this many rows, W @ x^T beats x @ W^T on CPU (see `_li
 
 
 def _linear(module, x):
-    """`module(x)` for an nn.Linear or a 4-bit layer. For a dense weight and 2..SKINNY_ROWS rows it
-    computes W @ x^T instead of x @ W^T: the same dot products, but on a 2-core CPU oneDNN/MKL pick a
-    far faster kernel for a wide weight times a few columns (30 Llama layers of SmolLM2 at 8 rows:
-    ~64 ms vs ~95 ms; its 49k-row head: ~15 ms vs ~37 ms; bench/NOTES.md). Rounding may differ from
-    x @ W^T in the last bits; greedy replies agree on our tests."""
+    """`module(x)` for an nn.Linear or a 4-bit layer (x: [rows, features]). A dense weight is
+    multiplied directly (no module call), and for 2..SKINNY_ROWS rows as W @ x^T instead of x @ W^T:
+    the same dot products, but on a 2-core CPU oneDNN/MKL pick a far faster kernel for a wide weight
+    times a few columns (SmolLM2's 30 layers at 8 rows: 68 vs 97 ms; its 49k-row head: 16 vs 35 ms;
+    `bench/cpu_kernels.py`). Rounding may differ from x @ W^T in the last bits; greedy replies agree
+    on our tests."""
     import torch
+    import torch.nn.functional as F
 
-    weight = getattr(module, "weight", None)
-    rows = x.numel() // x.shape[-1]
-    if type(module) is not torch.nn.Linear or not 2 <= rows <= SKINNY_ROWS:  # not a 4-bit subclass
+    if type(module) is not torch.nn.Linear:  # a 4-bit layer (a subclass): its own forward
         return module(x)
-    out = (weight @ x.reshape(rows, -1).T).T
-    if module.bias is not None:
-        out = out + module.bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    if not 2 <= x.shape[0] <= SKINNY_ROWS:
+        return F.linear(x, module.weight, module.bias)
+    out = (module.weight @ x.T).T
+    return out if module.bias is None else out + module.bias
 
 
 def _rotate_half(x):
