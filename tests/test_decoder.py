@@ -10,13 +10,8 @@ import shutil
 import pytest
 
 from chatbuild.engines import GenerationParams
+from tests.test_engine_batching import PROMPTS, together
 
-PROMPTS = [
-    [{"role": "user", "content": "What should I cook tonight?"}],
-    [{"role": "user", "content": "Hi"}],
-    [{"role": "system", "content": "You answer briefly and kindly, in plain words."},
-     {"role": "user", "content": "Can you explain how a rainbow forms after the rain stops?"}],
-]
 GREEDY = GenerationParams(temperature=0, max_new_tokens=16)
 
 
@@ -195,12 +190,6 @@ def test_fast_logits_equal_transformers_on_smollm2_with_mixed_adapters(smollm2_b
 
 
 # ── the engine's choice ─────────────────────────────────────────────────────────────────────
-def replies(engine, requests):
-    from tests.test_engine_batching import together
-
-    return together(engine, requests)
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("precision", [None, "fp32"])
 def test_the_fast_and_hf_decoders_give_the_same_replies_in_a_mixed_batch(runs, precision):
@@ -214,7 +203,7 @@ def test_the_fast_and_hf_decoders_give_the_same_replies_in_a_mixed_batch(runs, p
         engine = HFEngine.from_runs([runs["run-a"], runs["run-b"]], decoder=decoder, precision=precision)
         try:
             assert engine.decoder == decoder
-            got[decoder] = replies(engine, [(m, p, GREEDY) for m in engine.models() for p in PROMPTS])
+            got[decoder] = together(engine, [(m, p, GREEDY) for m in engine.models() for p in PROMPTS])
             assert max(engine.batch_sizes) > 1
         finally:
             engine.close()
