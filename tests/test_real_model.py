@@ -147,9 +147,15 @@ def test_smollm2_engine_replies_equal_plain_generate_for_prompts_joining_at_diff
         calls, replies = [], [None] * len(conversations)
         forward = engine._scheduler.batch.forward
 
+        inside = [0]  # forward passes entered and not yet returned (blocked on the engine's lock)
+
         def counted(*args):
             calls.append(tuple(args[0].shape))
-            return forward(*args)
+            inside[0] += 1
+            try:
+                return forward(*args)
+            finally:
+                inside[0] -= 1
 
         def read(i):
             replies[i] = "".join(c.text for c in engine.stream(conversations[i], params, engine.base_name))
@@ -161,6 +167,11 @@ def test_smollm2_engine_replies_equal_plain_generate_for_prompts_joining_at_diff
         while len(calls) < 4 and time.monotonic() < wait:  # the first reply has a few tokens
             time.sleep(0.01)
         with engine._lock:  # the other two arrive together, while a step runs
+            # The decode thread must be blocked inside its next forward pass (a step of the first
+            # reply, whose waiting list it read while it was empty) before the two arrive: were it
+            # between steps, it could take the first arrival's prompt alone into a prefill.
+            while not inside[0] and time.monotonic() < wait:
+                time.sleep(0.01)
             threads[1].start()
             threads[2].start()
             while len(engine._scheduler._waiting) < 2 and time.monotonic() < wait:  # both queued
