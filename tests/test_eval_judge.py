@@ -255,9 +255,20 @@ def _wait_for(predicate, timeout=60.0):
 
 
 def _stored(db: Path) -> int:
+    """Judgments stored so far, read through a read-only connection: `storage.connect` runs the schema
+    script (a write), and polling with it every 50 ms competed with the judge child for SQLite's write
+    lock, which can hold the child in SQLite's busy wait (C code: Ctrl-C waits for it; CI saw 30 s)."""
+    import sqlite3
+
     if not db.exists():
         return 0
-    return len(storage.get_judgments(db))
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+    except sqlite3.OperationalError:  # the table is not created yet
+        return 0
+    finally:
+        conn.close()
 
 
 def test_interrupted_and_killed_runs_resume_without_asking_twice(tmp_path):

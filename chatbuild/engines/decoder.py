@@ -87,7 +87,7 @@ class Projection:
             lora = self.loras.get(plan.single)
             if lora is not None:  # every row of the batch uses this adapter: PEFT's order of operations
                 a, b, scaling = lora
-                out = out + F.linear(F.linear(x.to(a.weight.dtype), a.weight), b.weight).to(out.dtype) * scaling
+                out = out + (F.linear(F.linear(x.to(a.weight.dtype), a.weight), b.weight) * scaling).to(out.dtype)
         elif self.layout:
             mask = plan.mask(self.layout, shape[1] if len(shape) == 3 else 1, self.a_all.dtype)
             if mask is not None:
