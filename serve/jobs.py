@@ -25,6 +25,7 @@ needs (`env`): the server's API keys and logins never reach a fine-tune.
 """
 
 import json
+import logging
 import os
 import re
 import signal
@@ -39,6 +40,8 @@ from pathlib import Path
 
 from chatbuild import runs
 from chatbuild.errors import UserError
+
+log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
@@ -392,11 +395,17 @@ class JobManager:
 
     def start(self, interval: float = 1.0) -> None:
         """Advance the queue in a background thread until `stop()`."""
+        def tick():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 — one bad tick (a locked database, a failed spawn) must not stop the queue for good
+                log.exception("job queue: tick failed; trying again in %.1fs", interval)
+
         def loop():
             while not self._stop.wait(interval):
-                self.tick()
+                tick()
 
-        self.tick()
+        tick()
         self._thread = threading.Thread(target=loop, name="chatbuild-jobs", daemon=True)
         self._thread.start()
 

@@ -87,6 +87,31 @@ def test_a_failing_job_shows_its_error(manager, tmp_path):
     assert "could not be read" in failed.error
 
 
+def test_a_failed_tick_does_not_stop_the_queue(manager, tmp_path, caplog):
+    """One tick that raises (here the first spawn fails, as a full process table or a locked
+    database would make it) is logged, and the background queue goes on to start the job."""
+    real_start, calls = manager._start, []
+
+    def start_once_failing(db, job):
+        calls.append(job.id)
+        if len(calls) == 1:
+            raise OSError("cannot fork")
+        real_start(db, job)
+
+    manager._start = start_once_failing
+    job = manager.submit("bad", tmp_path / "bad", "tiny-cpu", [f"model.base={tmp_path / 'missing-model'}"])
+    with caplog.at_level("ERROR", logger="serve.jobs"):
+        manager.start(interval=0.05)
+        deadline = time.monotonic() + 120
+        while manager.get(job.id).status not in ("done", "failed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        manager.stop()
+    assert len(calls) >= 2
+    assert "tick failed" in caplog.text and "cannot fork" in caplog.text
+    assert manager.get(job.id).status == "failed"  # it ran: the missing model is the child's error
+    assert "could not be read" in manager.get(job.id).error
+
+
 def test_restart_recovery_marks_dead_jobs_failed(tiny_base, tmp_path):
     first = JobManager(tmp_path / "db.sqlite", tmp_path / "logs")
     job = first.submit("r", tmp_path / "r", "tiny-cpu", overrides(tiny_base, steps=200))

@@ -6,6 +6,7 @@ Screenshots: tests/artifacts/build.png (job running) and build-done.png."""
 import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,8 +31,22 @@ def app(tiny_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("build-browser")
     with serving(ui_app(engine, root / "chatbuild.sqlite", builder=True, builder_dir=str(root / "builder"),
                         max_new_tokens=64)) as url:
-        yield url, engine
+        yield url, engine, root
     engine.close()
+
+
+def server_side(root) -> str:
+    """What the server knows of the jobs (their rows and log tails), for a failure message: the page
+    alone cannot tell a job that never started from a view that stopped refreshing."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{root / 'chatbuild.sqlite'}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT id, name, status, pid, error, log_path FROM jobs").fetchall()
+    out = []
+    for job_id, name, status, pid, error, log_path in rows:
+        log = Path(log_path).read_text()[-2000:] if Path(log_path).exists() else "(no log file)"
+        out.append(f"job {job_id} {name}: {status} pid={pid} error={error}\n{log}")
+    return "\n".join(out) or "no jobs in the database"
 
 
 def fraction(page) -> float:
@@ -39,7 +54,7 @@ def fraction(page) -> float:
 
 
 def test_build_a_run_in_the_browser_then_chat_with_it(app, artifacts_dir):
-    url, engine = app
+    url, engine, root = app
     expect = playwright.expect
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -73,7 +88,7 @@ def test_build_a_run_in_the_browser_then_chat_with_it(app, artifacts_dir):
             seen.add(fraction(page))
             if 0 < fraction(page) < 1 and len(seen) == 2:
                 page.screenshot(path=str(artifacts_dir / "build.png"), full_page=True)
-            assert time.monotonic() < deadline, page.inner_text("#build-log textarea")
+            assert time.monotonic() < deadline, server_side(root) + "\npage's log:\n" + page.inner_text("#build-log textarea")
             time.sleep(0.2)
         assert any(0 < f < 1 for f in seen), f"expected the bar part-way at some point, saw {sorted(seen)}"
         assert fraction(page) == 1.0
