@@ -74,9 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"requests waiting beyond those; more get 429 (default {d.queue_size})")
     p.add_argument("--device", help="device for the hf engine (default: cuda:LOCAL_RANK, else cpu)")
     p.add_argument("--quant", metavar="PRECISION",
-                   help="how the hf engine holds the base while serving: nf4, bf16, fp32 or auto (default auto: "
-                        "fp32 on a CPU when the base's fp32 weights take at most 1/4 of the available memory, "
-                        "else nf4; runs' adapters apply at any precision)")
+                   help="how the hf engine holds the base while serving: nf4, bf16, fp32, q8 (fp32 weights "
+                        "multiplied as int8 by a small C kernel, CPU only) or auto (default auto: on a CPU q8, else "
+                        "fp32, when the base's weights take at most 1/4 of the available memory, else nf4; nf4 on "
+                        "a GPU; runs' adapters apply at any precision)")
     p.add_argument("--decoder", choices=("auto", "fast", "hf"),
                    help="which forward pass the hf engine decodes with: fast (fixed KV slots, a lean Llama-family "
                         "layer loop), hf (transformers' own, any model and adapter) or auto (default: fast on a CPU "
@@ -166,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(engine, settings, ui=not args.no_ui)
         how = ""
         if getattr(engine, "decoder", None):  # the hf engine: how it holds the base and decodes
-            how = f" [{engine.precision}, {engine.decoder} decoder{'; ' + engine.decoder_note if engine.decoder_note else ''}]"
+            notes = "".join(f"; {n}" for n in (engine.precision_note, engine.decoder_note) if n)
+            how = f" [{engine.precision}, {engine.decoder} decoder{notes}]"
         print(f"chatbuild serve: models {', '.join(engine.models())} on http://{args.host}:{args.port} "
               f"(API at /v1, docs at /docs){how}", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -24,20 +24,25 @@ def reply(engine, model) -> str:
 def test_check_precision_names_the_flag_and_the_choices():
     from chatbuild.engines.hf import check_precision
 
-    assert [check_precision(p) for p in ("nf4", "bf16", "fp32", "auto")] == ["nf4", "bf16", "fp32", "auto"]
+    assert [check_precision(p) for p in ("nf4", "bf16", "fp32", "q8", "auto")] == ["nf4", "bf16", "fp32", "q8", "auto"]
     with pytest.raises(UserError) as e:
         check_precision("int3")
-    assert str(e.value) == '--quant: "int3" is not a serving precision; use nf4, bf16, fp32 or auto'
+    assert str(e.value) == '--quant: "int3" is not a serving precision; use nf4, bf16, fp32, q8 or auto'
 
 
-def test_auto_is_fp32_on_cpu_when_a_quarter_of_the_memory_holds_it(tiny_base, monkeypatch):
-    """The rule: fp32 when 4 x (fp32 bytes of the base) fits in the available memory, else nf4; nf4 on
-    a GPU and for a base whose size cannot be read. The machine's memory is what it is, so the test
-    sets `available_memory` (a monkeypatch: the only way to see both sides of the rule here)."""
+def test_auto_is_q8_or_fp32_on_cpu_when_a_quarter_of_the_memory_holds_it(tiny_base, monkeypatch):
+    """The rule: q8 when 4 x (its bytes: fp32 + the int8 copy) fits in the available memory, else
+    fp32 when 4 x fp32 does, else nf4; nf4 on a GPU and for a base whose size cannot be read. The
+    machine's memory is what it is, so the test sets `available_memory` (a monkeypatch: the only way
+    to see every side of the rule here)."""
     from chatbuild.engines import hf
 
     params = hf.parameter_count(str(tiny_base))
     assert params and params > 1000
+    monkeypatch.setattr(hf, "available_memory", lambda: 4 * 5.125 * params)
+    assert hf.choose_precision("auto", str(tiny_base), "cpu") == "q8"
+    monkeypatch.setattr(hf, "available_memory", lambda: 4 * 5.125 * params - 1)
+    assert hf.choose_precision("auto", str(tiny_base), "cpu") == "fp32"
     monkeypatch.setattr(hf, "available_memory", lambda: 4 * 4 * params)
     assert hf.choose_precision("auto", str(tiny_base), "cpu") == "fp32"
     monkeypatch.setattr(hf, "available_memory", lambda: 4 * 4 * params - 1)

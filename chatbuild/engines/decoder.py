@@ -62,10 +62,10 @@ class Projection:
     LoRA time (the per-group indexing dominated; bench/NOTES.md). The idea is Punica's / S-LoRA's
     batched multi-adapter kernels, done with dense products on a CPU."""
 
-    def __init__(self, base, loras: dict):
+    def __init__(self, base, loras: dict, packed=None):
         import torch
 
-        self.base, self.loras = base, loras
+        self.base, self.loras, self.packed = base, loras, packed  # packed: the base's Q8Weight (--quant q8)
         self.layout, self.a_all, self.b_all = (), None, None
         if loras:
             start, layout = 0, []
@@ -82,7 +82,7 @@ class Projection:
 
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [rows * tokens, features]: 2-D products, no batched copies
-        out = _linear(self.base, x)
+        out = _linear(self.base, x, self.packed)
         if plan.single is not None:
             lora = self.loras.get(plan.single)
             if lora is not None:  # every row of the batch uses this adapter: PEFT's order of operations
@@ -134,7 +134,7 @@ class AdapterPlan:
 class SlotDecoder:
     """A Llama-family model's forward pass over fixed KV slots (see the module docstring)."""
 
-    def __init__(self, model, slots: int):
+    def __init__(self, model, slots: int, q8: bool = False):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.model, self.inner, self.head = model, base.model, base.lm_head
         config = base.config
@@ -147,15 +147,33 @@ class SlotDecoder:
         self.capacity = self.allocated = 0  # columns per slot, slots allocated (both grow: `reserve`)
         self.keys: list = []
         self.values: list = []
+        # --quant q8: each base linear layer's weight packed once (chatbuild.engines.q8), by module; a
+        # layer it cannot pack (an input size not a multiple of 32) keeps its fp32 product.
+        self.q8 = q8
+        self._packed: dict = {}
         self.refresh()
+        self.head_packed = self._pack(self.head)
 
     @classmethod
-    def for_model(cls, model, slots: int) -> "SlotDecoder":
-        """The decoder for `model`, or Unsupported naming what it cannot run."""
+    def for_model(cls, model, slots: int, q8: bool = False) -> "SlotDecoder":
+        """The decoder for `model` (with its linear layers multiplied in q8 if `q8`), or Unsupported
+        naming what it cannot run."""
         reason = unsupported_reason(model)
+        if q8 and not reason:
+            reason = q8_reason(model)
         if reason:
             raise Unsupported(reason)
-        return cls(model, slots)
+        return cls(model, slots, q8)
+
+    def _pack(self, module):
+        """`module`'s Q8Weight when this decoder multiplies in q8 (packed once per module), else None."""
+        if not self.q8:
+            return None
+        if module not in self._packed:
+            from chatbuild.engines import q8
+
+            self._packed[module] = q8.pack(module.weight, module.bias)
+        return self._packed[module]
 
     def refresh(self) -> None:
         """Read the layers' projections and adapters again (after an adapter is loaded); Unsupported
@@ -163,8 +181,8 @@ class SlotDecoder:
         reason = adapter_reason(self.model)
         if reason:
             raise Unsupported(reason)
-        self.layers = [[_projection(getattr(getattr(layer, part), name)) for part, name in PROJECTIONS]
-                       for layer in self.inner.layers]
+        self.layers = [[_projection(getattr(getattr(layer, part), name), self._pack) for part, name in PROJECTIONS]
+                        for layer in self.inner.layers]
 
     # ── the cache ───────────────────────────────────────────────────────────────────────────
     def reserve(self, columns: int, rows: int, like) -> None:
@@ -245,14 +263,15 @@ class SlotDecoder:
             x = layer.post_attention_layernorm(hidden)
             hidden = hidden + down(layer.mlp.act_fn(gate(x, groups)) * up(x, groups), groups)
         ends = hidden[torch.arange(rows, device=device), torch.tensor(last, device=device)]
-        return _linear(self.head, self.inner.norm(ends)).float()
+        return _linear(self.head, self.inner.norm(ends), self.head_packed).float()
 
 
 SKINNY_ROWS = 16  # up to this many rows, W @ x^T beats x @ W^T on CPU (see `_linear`)
 
 
-def _linear(module, x):
-    """`module(x)` for an nn.Linear or a 4-bit layer (x: [rows, features]). A dense weight is
+def _linear(module, x, packed=None):
+    """`module(x)` for an nn.Linear or a 4-bit layer (x: [rows, features]); with `packed` (the
+    module's Q8Weight, --quant q8) the q8 kernel's product instead. A dense weight is
     multiplied directly (no module call), and for 2..SKINNY_ROWS rows as W @ x^T instead of x @ W^T:
     the same dot products, but on a 2-core CPU oneDNN/MKL pick a far faster kernel for a wide weight
     times a few columns (SmolLM2's 30 layers at 8 rows: 68 vs 97 ms; its 49k-row head: 16 vs 35 ms;
@@ -261,6 +280,10 @@ def _linear(module, x):
     import torch
     import torch.nn.functional as F
 
+    if packed is not None:
+        from chatbuild.engines import q8
+
+        return q8.matmul(x, packed)
     if type(module) is not torch.nn.Linear:  # a 4-bit layer (a subclass): its own forward
         return module(x)
     if not 2 <= x.shape[0] <= SKINNY_ROWS:
@@ -276,12 +299,30 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _projection(module) -> Projection:
+def _projection(module, pack) -> Projection:
     base = getattr(module, "base_layer", None)
     if base is None:
-        return Projection(module, {})
+        return Projection(module, {}, pack(module))
     loras = {name: (module.lora_A[name], module.lora_B[name], module.scaling[name]) for name in module.lora_A}
-    return Projection(base, loras)
+    return Projection(base, loras, pack(base))
+
+
+def q8_reason(model) -> str | None:
+    """Why the fast path cannot multiply `model`'s linear layers in q8 (None: it can): they must be
+    dense fp32 nn.Linear layers on the CPU."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    linears = [base.lm_head] + [getattr(getattr(layer, part), name) for layer in base.model.layers
+                                for part, name in PROJECTIONS]
+    for module in linears:
+        module = getattr(module, "base_layer", module)  # under a LoRA wrapper
+        weight = getattr(module, "weight", None)
+        if type(module) is not torch.nn.Linear or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return (f"q8 multiplies an fp32 base on a CPU, and this one has {type(module).__name__} layers"
+                    + ("" if weight is None else f" of {weight.dtype} on {weight.device}")
+                    + " (load the base with --quant q8)")
+    return None
 
 
 def unsupported_reason(model) -> str | None:

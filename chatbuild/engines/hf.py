@@ -102,13 +102,22 @@ class HFEngine:
         chosen = precision and choose_precision(precision, base, device)
         if chosen and chosen != quant:  # nf4 for a base trained in nf4 keeps its own compute dtype
             quant, compute_dtype = PRECISIONS[chosen]
+        precision_note = ""
+        if chosen == "q8":
+            try:
+                _check_q8(device, decoder)
+            except UserError as e:
+                if precision == "q8":
+                    raise
+                chosen, precision_note = "fp32", f"fp32, not q8: {e}"  # auto: the next fastest
         model = load_base_model(base, revision, quant, double_quant, compute_dtype, device, trust_remote_code,
                                 quant_storage=quant_storage)
         tokenizer = load_tokenizer(base, revision, trust_remote_code)
         if not isinstance(chat_format, ChatFormat):
             chat_format = bare_base_format(tokenizer, chat_format)
         self._setup(model, tokenizer, base_name or _default_base_name(base), chat_format, max_prompt_tokens, max_batch,
-                    decoder)
+                    decoder, q8="asked" if precision == "q8" else "auto" if chosen == "q8" else None)
+        self.precision_note = self.precision_note or precision_note
         # What a run must be trained on to be served here (`LoadsAdapters`): the key of a run on this base.
         # Double quantization is a 4-bit feature; a run's config records it off for int8 and none.
         self.base_key = _base_key(ModelSettings(
@@ -131,10 +140,9 @@ class HFEngine:
         return engine
 
     def _setup(self, model, tokenizer, base_name: str, chat_format: ChatFormat | None, max_prompt_tokens: int | None,
-               max_batch: int, decoder: str = "auto") -> None:
+               max_batch: int, decoder: str = "auto", q8: str | None = None) -> None:
         self.model = model
         self.model.eval()
-        self.precision = precision_of(model)  # how the base is held: nf4, bf16, fp32, ...
         self.device = next(self.model.parameters()).device
         self.context_window = getattr(self.model.config, "max_position_embeddings", None)
         self.max_prompt_tokens = max_prompt_tokens
@@ -145,21 +153,27 @@ class HFEngine:
         self._count_lock = threading.Lock()
         self._active = 0
         self._adapters_loaded = 0
-        self._scheduler = Scheduler(self._batch(check_decoder(decoder), max_batch), max_batch)
+        self._scheduler = Scheduler(self._batch(check_decoder(decoder), max_batch, q8), max_batch)
+        # how the base is held: nf4, bf16, fp32, q8 (fp32 multiplied in q8), ...
+        self.precision = "q8" if getattr(self._decoder, "q8", False) else precision_of(model)
 
-    def _batch(self, decoder: str, max_batch: int):
+    def _batch(self, decoder: str, max_batch: int, q8: str | None = None):
         """The running batch for the `decoder` asked for: the fast path (`SlotDecoder`) where it runs
         this model ("auto": on a CPU; on a GPU it is untested so far), else transformers' forward.
-        Sets `self.decoder` to the one chosen and `self.decoder_note` to why the fast one was not."""
-        from chatbuild.engines.decoder import SlotDecoder, Unsupported
+        Sets `self.decoder` to the one chosen and `self.decoder_note` to why the fast one was not.
+        `q8`: the fast path multiplies in q8; "asked": nothing else will do (UserError if it cannot),
+        "auto": else fp32, with the reason in `self.precision_note`."""
+        from chatbuild.engines.decoder import SlotDecoder, Unsupported, q8_reason, unsupported_reason
 
-        self._decoder, self.decoder_note = None, ""
+        self._decoder, self.decoder_note, self.precision_note = None, "", ""
+        if q8 == "auto" and (why := q8_reason(self.model) or unsupported_reason(self.model)):
+            q8, self.precision_note = None, f"fp32, not q8: {why}"
         if decoder == "fast" or (decoder == "auto" and self.device.type == "cpu"):
             try:
-                self._decoder = SlotDecoder.for_model(self.model, slots=max_batch)
+                self._decoder = SlotDecoder.for_model(self.model, slots=max_batch, q8=bool(q8))
             except Unsupported as e:
-                if decoder == "fast":
-                    raise UserError(f"--decoder fast: {e}") from e
+                if decoder == "fast" or q8:
+                    raise UserError(f"--{'quant q8' if q8 else 'decoder fast'}: {e}") from e
                 self.decoder_note = f"transformers' forward pass: {e}"
         elif decoder == "auto":
             self.decoder_note = "transformers' forward pass: the fast decoder is used on CPUs only (untested on GPUs)"
@@ -206,6 +220,9 @@ class HFEngine:
 
             for run in loaded:
                 reason = adapter_config_reason(run.adapter_dir)
+                if reason and precision == "q8":
+                    raise UserError(f"--quant q8 runs in the fast decoder, which cannot serve run {run.name}: it has "
+                                    f"{reason}; serve it with --quant fp32")
                 if reason:
                     decoder, note = "hf", f"transformers' forward pass: run {run.name} has {reason}"
                     break
@@ -494,8 +511,12 @@ class ReplyText:
 # any precision. On a CPU, NF4 costs more than it saves for small bases: its kernel dequantizes every
 # weight at every step (bench/serve.py --base measures it), so serving dequantized is faster, memory
 # allowing. Greedy replies at each precision are that precision's own (rounding differs).
-PRECISIONS = {"nf4": ("nf4", "auto"), "bf16": ("none", "bfloat16"), "fp32": ("none", "float32")}
+# q8 holds the base in fp32 too, and the fast decoder multiplies its linear layers in 8-bit integers
+# (`chatbuild.engines.q8`: GGML's Q8_0 blocks, a small C kernel compiled on first use); CPU only.
+PRECISIONS = {"nf4": ("nf4", "auto"), "bf16": ("none", "bfloat16"), "fp32": ("none", "float32"),
+              "q8": ("none", "float32")}
 CPU_RAM_SHARE = 4  # `auto` holds the base in fp32 on a CPU when that takes at most 1/4 of available RAM
+Q8_BYTES = 4 + 1 + 4 / 32  # bytes per weight under q8: fp32, and int8 with an fp32 scale per 32
 
 
 # Which forward pass decodes: "fast" is `chatbuild.engines.decoder` (fixed KV slots, a lean Llama-family
@@ -512,6 +533,18 @@ def check_decoder(name: str, where: str = "--decoder") -> str:
     return name
 
 
+def _check_q8(device, decoder: str) -> None:
+    """q8 runs in the fast decoder on a CPU; a UserError before anything loads otherwise."""
+    if not str(device).startswith("cpu"):
+        raise UserError(f"--quant q8 is a CPU kernel; on {device} use nf4, bf16 or fp32")
+    if decoder == "hf":
+        raise UserError("--quant q8 runs in the fast decoder, and this engine decodes with transformers' forward "
+                        "(--decoder hf); use fp32 there")
+    from chatbuild.engines import q8
+
+    q8.kernel()  # built (once per machine) before the base loads, so a missing compiler is told at once
+
+
 def check_precision(name: str, where: str = "--quant") -> str:
     """`name` if it is a serving precision or "auto"; else a one-line UserError naming `where`."""
     if name not in (*PRECISIONS, "auto"):
@@ -520,10 +553,12 @@ def check_precision(name: str, where: str = "--quant") -> str:
 
 
 def choose_precision(name: str, base: str, device: str) -> str:
-    """The precision `name` means for `base` on `device`. "auto": on a CPU, fp32 when the base's
-    weights in fp32 take at most 1/CPU_RAM_SHARE of the available memory (the fastest there: CPU
-    matmuls in fp32, no dequantizing), else nf4; on a GPU, nf4 (the memory QLoRA was chosen for; a
-    measured GPU rule is future work). A base whose size cannot be read here (a hub id) gets nf4."""
+    """The precision `name` means for `base` on `device`. "auto": on a CPU, q8 when the base's
+    weights in fp32 plus their int8 copy take at most 1/CPU_RAM_SHARE of the available memory (the
+    fastest there: bench/serve.py), else fp32 when fp32 alone does (no dequantizing, unlike nf4), else
+    nf4; on a GPU, nf4 (the memory QLoRA was chosen for; a measured GPU rule is future work). A base
+    whose size cannot be read here (a hub id) gets nf4. The engine serves fp32 instead of an auto q8
+    where q8 cannot run (no C compiler, a model or adapter the fast decoder does not run), saying why."""
     check_precision(name)
     if name != "auto":
         return name
@@ -532,7 +567,10 @@ def choose_precision(name: str, base: str, device: str) -> str:
     params = parameter_count(base)
     if params is None:
         return "nf4"
-    return "fp32" if params * 4 * CPU_RAM_SHARE <= available_memory() else "nf4"
+    available = available_memory()
+    if params * Q8_BYTES * CPU_RAM_SHARE <= available:
+        return "q8"
+    return "fp32" if params * 4 * CPU_RAM_SHARE <= available else "nf4"
 
 
 def parameter_count(base: str) -> int | None:

@@ -1,0 +1,163 @@
+"""Q8 weights for serving on a CPU (`serve --quant q8`): linear layers multiplied in 8-bit integers.
+
+    weight = q8.pack(linear.weight)        # int8 blocks of 32 + one fp32 scale each (None if it cannot)
+    y = q8.matmul(x, weight)               # x [rows, in] fp32 -> [rows, out] fp32
+
+Why: a decode step on a 2-core CPU is mostly matrix products that read every weight once per step
+(bench/cpu_kernels.py: 70-80% of SmolLM2's step is aten::mm in fp32), so it is bound by how many
+bytes of weights it reads. int8 reads a quarter of fp32's, and the products are integer dot products
+that AVX2 does 32 at a time. PyTorch's CPU int8 paths did not help here (the weight-only
+`_weight_int8pack_mm` and `_int_mm` were slower than fp32; fbgemm's dynamic quantization with one
+scale per tensor changed the next token too often), so this module builds its own small kernel.
+
+The format is GGML's Q8_0 (llama.cpp): each row of a weight in blocks of 32 values, each block int8
+with its own scale (absmax / 127); activations are quantized the same way at every call, so each
+block's dot product is exact and only two scales are floating point. Greedy replies are q8's own:
+close to fp32's, not always equal (tests/test_q8.py measures the agreement on SmolLM2).
+
+The kernel (kernels/q8.c) is compiled once per machine with the system's C compiler (`$CC`, default
+`cc`; -O3, OpenMP, AVX2/FMA where the CPU has them) into $CHATBUILD_HOME/kernels/, and loaded with
+ctypes (which releases the GIL during the call). No compiler: `--quant q8` is refused with the reason.
+The fp32 weights stay loaded beside the int8 copy (transformers' forward and adapters read them), so
+q8 is a speed choice, not a memory one: memory is fp32's plus a quarter.
+"""
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatbuild.errors import UserError
+
+BLOCK = 32  # values per block (GGML's QK8_0)
+SOURCE = Path(__file__).with_name("kernels") / "q8.c"
+
+_lock = threading.Lock()
+_library = None
+
+
+@dataclass(frozen=True)
+class Q8Weight:
+    """A packed [out, in] weight: `values` int8 [out, in], `scales` fp32 [out, in / BLOCK], and the
+    layer's bias (fp32 or None)."""
+
+    values: object
+    scales: object
+    bias: object = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape)
+
+
+def pack_reason(weight) -> str | None:
+    """Why `weight` cannot be packed (None: it can): a 2-D fp32 tensor on the CPU whose input size is
+    a multiple of BLOCK."""
+    import torch
+
+    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return f"a {weight.dtype} weight of {tuple(weight.shape)} on {weight.device} (q8 packs 2-D fp32 CPU weights)"
+    if weight.shape[1] % BLOCK:
+        return f"an input size of {weight.shape[1]}, not a multiple of {BLOCK}"
+    return None
+
+
+def pack(weight, bias=None) -> Q8Weight | None:
+    """`weight` [out, in] as Q8Weight, or None when `pack_reason` says it cannot be."""
+    import torch
+
+    if pack_reason(weight):
+        return None
+    weight = weight.detach().contiguous()
+    out, size = weight.shape
+    values = torch.empty(out, size, dtype=torch.int8)
+    scales = torch.empty(out, size // BLOCK, dtype=torch.float32)
+    kernel().q8_quantize(weight.data_ptr(), out, size, values.data_ptr(), scales.data_ptr())
+    return Q8Weight(values, scales, None if bias is None else bias.detach().float())
+
+
+def matmul(x, weight: Q8Weight):
+    """x [rows, in] (fp32) times `weight` transposed: [rows, out] fp32, plus the bias."""
+    import torch
+
+    x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+    rows, size = x.shape
+    out = weight.values.shape[0]
+    if size != weight.values.shape[1]:
+        raise ValueError(f"q8.matmul: input of {size} features for a weight of {weight.shape}")
+    y = torch.empty(rows, out, dtype=torch.float32)
+    if rows:
+        status = kernel().q8_matmul(x.data_ptr(), rows, size, weight.values.data_ptr(), weight.scales.data_ptr(),
+                                    out, y.data_ptr(), torch.get_num_threads())
+        if status:
+            raise MemoryError(f"q8.matmul: no memory for {rows} x {size} quantized activations")
+    return y if weight.bias is None else y + weight.bias
+
+
+# ── building and loading the kernel ──────────────────────────────────────────────────────────
+def kernel() -> ctypes.CDLL:
+    """The compiled kernel, built on first use (UserError naming the compiler's complaint if it
+    cannot be)."""
+    global _library
+    with _lock:
+        if _library is None:
+            import torch  # noqa: F401 — loaded first, so the kernel's OpenMP is torch's libgomp
+
+            _library = _declare(ctypes.CDLL(str(build())))
+        return _library
+
+
+def compile_flags() -> list[str]:
+    """The compiler flags for this machine: AVX2 + FMA when the CPU has them (PyTorch's own probe)."""
+    import torch
+
+    flags = ["-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def build(cache: Path | None = None) -> Path:
+    """Compile kernels/q8.c unless this source with these flags already was; the library's path."""
+    from chatbuild.bases import chatbuild_home
+
+    compiler = os.environ.get("CC", "cc")
+    flags = compile_flags()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    folder = cache or chatbuild_home() / "kernels"
+    target = folder / f"q8-{key}.so"
+    if target.exists():
+        return target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--quant q8: cannot create {folder} for its kernel ({e.strerror or e})") from None
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, then renamed: no half-written library
+        built = Path(tmp) / target.name
+        try:
+            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
+                                  capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise UserError(f"--quant q8 compiles a small C kernel once and needs a C compiler with OpenMP "
+                            f"(gcc; set $CC to another): {compiler}: {e}") from None
+        if done.returncode:
+            complaint = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise UserError(f"--quant q8: compiling its kernel with {compiler} failed: {' | '.join(complaint)}")
+        os.replace(built, target)
+    return target
+
+
+def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.q8_quantize.argtypes = [pointer, size, size, pointer, pointer]
+    library.q8_quantize.restype = None
+    library.q8_matmul.argtypes = [pointer, size, size, pointer, pointer, size, pointer, ctypes.c_int]
+    library.q8_matmul.restype = ctypes.c_int
+    library.q8_has_avx2.argtypes = []
+    library.q8_has_avx2.restype = ctypes.c_int
+    return library
