@@ -1,5 +1,6 @@
-"""What `pip install chatbuild` gets: the wheel built from this tree holds the bundled presets and
-sample data inside the `chatbuild` package, so no command needs the source tree to find them."""
+"""What `pip install chatbuild` gets: the wheel built from this tree holds the bundled presets, the
+sample data and the q8 kernel's C source inside the `chatbuild` package, so no command needs the
+source tree to find them."""
 
 import shutil
 import subprocess
@@ -33,4 +34,5 @@ def test_the_wheel_ships_the_presets_and_the_sample_data(tmp_path):
     missing += [f"chatbuild/data/sample/{n}" for n in samples if f"chatbuild/data/sample/{n}" not in names]
     assert not missing, f"not in {wheel.name}: {', '.join(missing)}"
     assert "chatbuild/presets/__init__.py" in names and "chatbuild/evalconfig.py" in names
+    assert "chatbuild/engines/kernels/q8.c" in names  # --quant q8 compiles it where it is installed
     assert not [n for n in names if n.startswith("pipelines/presets/")]
