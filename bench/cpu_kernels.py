@@ -1,7 +1,7 @@
 """Benchmark: the CPU matrix-product kernels a decode step could use, on SmolLM2-135M's shapes.
 
     .venv/bin/python bench/cpu_kernels.py                  # ~3 min on 2 cores
-    .venv/bin/python bench/cpu_kernels.py --agreement      # + dynamic int8's next-token agreement on SmolLM2
+    .venv/bin/python bench/cpu_kernels.py --agreement      # + dynamic int8 and q8 next-token agreement on SmolLM2
 
 Writes bench/results/cpu-kernels-<date>.json with the machine, versions and command.
 
@@ -18,9 +18,12 @@ would sit in the cache and flatter every kernel), plus the 49,152 × 576 head, a
 - `int8 weight-only`: `torch._weight_int8pack_mm` (per-channel int8 weights, fp32 activations);
 - `int8 x int8`: `torch._int_mm` (both operands int8, int32 result), timings only;
 - `dynamic int8`: `torch.ops.quantized.linear_dynamic` (fbgemm: per-channel int8 weights, activations
-  quantized per tensor to 7 bits at each call). With `--agreement`, SmolLM2 with every projection and
-  the head in dynamic int8 is run teacher-forced on fp32 greedy replies to six prompts: the share of
-  positions where its top token is fp32's (quality, since it is the only kernel that is faster).
+  quantized per tensor to 7 bits at each call);
+- `q8 (chatbuild)`: `chatbuild.engines.q8` (`serve --quant q8`): GGML's Q8_0 blocks (int8 in blocks
+  of 32 with a scale each, for weights and activations) in chatbuild's small AVX2 C kernel.
+With `--agreement`, SmolLM2 with every projection and the head in dynamic int8, then in q8, is run
+teacher-forced on fp32 greedy replies to six prompts: the share of positions where its top token is
+fp32's (quality: the int8 kernels are the ones faster than fp32).
 The median of `--trials` timings per kernel and width, in ms for all 30 layers (and for the head).
 """
 
@@ -63,6 +66,8 @@ def kernels(weights: list, head):
     import torch
     import torch.nn.functional as F
 
+    from chatbuild.engines import q8
+
     return {
         "fp32 x@W^T": (weights + [head], lambda x, w: F.linear(x, w)),
         "fp32 W@x^T": (weights + [head], lambda x, w: (w @ x.T).T),
@@ -73,6 +78,7 @@ def kernels(weights: list, head):
                         lambda x, w: torch._int_mm(torch.ones(max(x.shape[0], 17), x.shape[1], dtype=torch.int8), w)),
         "dynamic int8": ([dynamic_pack(w) for w in weights + [head]],
                          lambda x, w: torch.ops.quantized.linear_dynamic(x, w, True)),
+        "q8 (chatbuild)": ([q8.pack(w) for w in weights + [head]], q8.matmul),
     }
 
 
@@ -113,12 +119,13 @@ def measure(rows_list: list[int], trials: int, log) -> dict:
 
 
 def agreement(log) -> dict:
-    """SmolLM2 with its projections and head in dynamic int8 against fp32, teacher-forced on fp32's
-    greedy replies: the share of positions with the same top token."""
+    """SmolLM2 with its projections and head in dynamic int8, and in chatbuild's q8, against fp32,
+    teacher-forced on fp32's greedy replies: the share of positions with the same top token."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chatbuild.bases import resolve_base
+    from chatbuild.engines import q8
 
     class Dynamic(torch.nn.Module):
         def __init__(self, linear):
@@ -129,28 +136,39 @@ def agreement(log) -> dict:
             y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), self.packed, True)
             return y.view(*x.shape[:-1], -1)
 
+    class Q8(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.packed = q8.pack(linear.weight, linear.bias)
+
+        def forward(self, x):
+            return q8.matmul(x.reshape(-1, x.shape[-1]), self.packed).view(*x.shape[:-1], -1)
+
     path = resolve_base("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(path)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    quantized = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for layer in quantized.model.layers:
-        for part in (layer.self_attn, layer.mlp):
-            for name, module in list(part.named_children()):
-                if isinstance(module, torch.nn.Linear):
-                    setattr(part, name, Dynamic(module))
-    quantized.lm_head = Dynamic(quantized.lm_head)
-    same = total = 0
-    with torch.inference_mode():
-        for prompt in PROMPTS:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)["input_ids"]
-            reply = reference.generate(input_ids=ids, do_sample=False, max_new_tokens=40)[0, ids.shape[1]:]
-            full = torch.cat([ids[0], reply])[None]
-            a = reference(full).logits[0, ids.shape[1] - 1:-1].argmax(-1)
-            b = quantized(full).logits[0, ids.shape[1] - 1:-1].argmax(-1)
-            same, total = same + int((a == b).sum()), total + len(a)
-    log(f"dynamic int8 vs fp32, teacher-forced top-1 agreement: {same}/{total}")
-    return {"positions": total, "same_top_token": same, "share": round(same / total, 3)}
+    out = {}
+    for kernel, wrapper in (("dynamic int8", Dynamic), ("q8 (chatbuild)", Q8)):
+        quantized = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        for layer in quantized.model.layers:
+            for part in (layer.self_attn, layer.mlp):
+                for name, module in list(part.named_children()):
+                    if isinstance(module, torch.nn.Linear):
+                        setattr(part, name, wrapper(module))
+        quantized.lm_head = wrapper(quantized.lm_head)
+        same = total = 0
+        with torch.inference_mode():
+            for prompt in PROMPTS:
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                    return_tensors="pt", return_dict=True)["input_ids"]
+                reply = reference.generate(input_ids=ids, do_sample=False, max_new_tokens=40)[0, ids.shape[1]:]
+                full = torch.cat([ids[0], reply])[None]
+                a = reference(full).logits[0, ids.shape[1] - 1:-1].argmax(-1)
+                b = quantized(full).logits[0, ids.shape[1] - 1:-1].argmax(-1)
+                same, total = same + int((a == b).sum()), total + len(a)
+        log(f"{kernel} vs fp32, teacher-forced top-1 agreement: {same}/{total}")
+        out[kernel] = {"positions": total, "same_top_token": same, "share": round(same / total, 3)}
+    return out
 
 
 def main() -> int:
@@ -158,7 +176,7 @@ def main() -> int:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--agreement", action="store_true", help="also SmolLM2's next-token agreement in dynamic int8")
+    p.add_argument("--agreement", action="store_true", help="also SmolLM2's next-token agreement in dynamic int8 and q8")
     p.add_argument("--out", type=Path, help="result file (default bench/results/cpu-kernels-<date>.json)")
     args = p.parse_args()
 
@@ -177,7 +195,7 @@ def main() -> int:
               "shape": {"hidden": HIDDEN, "mlp": MLP, "kv": KV, "layers": LAYERS, "vocab": VOCAB},
               "by_kernel": measure(args.rows, args.trials, log)}
     if args.agreement:
-        result["dynamic_int8_agreement"] = agreement(log)
+        result["agreement"] = agreement(log)
     result["total_s"] = round(time.perf_counter() - started, 1)
     out = args.out or REPO / "bench" / "results" / f"cpu-kernels-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

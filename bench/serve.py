@@ -2,18 +2,19 @@
 
     .venv/bin/python bench/serve.py --tiny              # CPU, tiny base (~2 min on 2 cores)
     .venv/bin/python bench/serve.py --shape llama-7b    # GPU: 7B-shaped random NF4 base + rank-64 adapters
-    .venv/bin/python bench/serve.py --base smollm2      # CPU: a real model (any local folder) in nf4, bf16, fp32
+    .venv/bin/python bench/serve.py --base smollm2      # CPU: a real model (any local folder) in nf4, bf16, fp32, q8
 
 Writes bench/results/serve-<device>-<date>.json (device: cpu, or the GPU's name), with --base
 serve-cpu-<base>-<date>.json.
 
 `--base PATH|smollm2` (a model folder, a .gguf file or a short name from `chatbuild.bases`) runs, for
-each `--quant` precision in turn (default nf4 bf16 fp32, as `chatbuild serve --quant` loads them): the
-base's memory (its weights' bytes, the process's resident memory after loading), plain `generate` at
-batch 1, and for each `--decoders` (default fast hf, as `chatbuild serve --decoder`) the engine at batch
-1 and through the HTTP API at 1, 8 and 32 clients (continuous batching only), with rank-8 random
-adapters a and b as below; then `goals`: each engine against plain `generate` in NF4. Defaults: 32 new
-tokens, 3 trials.
+each `--quant` precision in turn (default nf4 bf16 fp32 q8, as `chatbuild serve --quant` loads them):
+the base's memory (its weights' bytes, the process's resident memory after loading; for q8 also its
+int8 copy), plain `generate` at batch 1 (for q8 that is fp32's: transformers' forward does not use the
+int8 copy), and for each `--decoders` (default fast hf, as `chatbuild serve --decoder`; q8 runs in the
+fast one only) the engine at batch 1 and through the HTTP API at 1, 8 and 32 clients (continuous
+batching only), with rank-8 random adapters a and b as below; then `goals`: each engine against
+plain `generate` in NF4. Defaults: 32 new tokens, 3 trials.
 A real model emits EOS, so a reply may end before `max_tokens`: tok/s counts the tokens made.
 
 The model: a base with random weights in NF4 (double quantization), with two random LoRA adapters
@@ -294,8 +295,8 @@ def main() -> int:
     which.add_argument("--tiny", action="store_true", help="CPU: the tiny base with random weights")
     which.add_argument("--shape", help="GPU: a named shape from chatbuild.shapes, e.g. llama-7b")
     which.add_argument("--base", help="CPU: a local model folder, a .gguf file or smollm2, at each --quant")
-    p.add_argument("--quant", nargs="+", default=["nf4", "bf16", "fp32"],
-                   help="with --base: the serving precisions to compare (nf4, bf16, fp32)")
+    p.add_argument("--quant", nargs="+", default=["nf4", "bf16", "fp32", "q8"],
+                   help="with --base: the serving precisions to compare (nf4, bf16, fp32, q8)")
     p.add_argument("--decoders", nargs="+", default=["fast", "hf"], choices=("fast", "hf"),
                    help="with --base: the engine's decoders to compare (default fast hf)")
     p.add_argument("--rank", type=int, help="LoRA rank of the adapters (8 tiny and base, 64 shape)")
@@ -407,8 +408,17 @@ def precisions(args, log) -> dict:
         log(f"  plain generate, batch 1: {row['plain_generate_batch1']}")
         row["by_decoder"] = {}
         for decoder in args.decoders:
+            if precision == "q8" and decoder != "fast":
+                log(f"  q8 runs in the fast decoder only: no {decoder} decoder")
+                continue
             engine = HFEngine.from_model(model, tokenizer, name, adapters={"a": "a", "b": "b"},
-                                         max_batch=max(2, *args.clients), decoder=decoder)
+                                         max_batch=max(2, *args.clients), decoder=decoder, q8=precision == "q8")
+            if precision == "q8":  # the int8 copy beside the fp32 weights
+                copy = sum(t.numel() * t.element_size() for w in engine._decoder._packed.values() if w
+                           for t in (w.values, w.scales))
+                row["q8_copy_mb"] = round(copy / 2**20, 1)
+                row["rss_mb"] = round(resident_bytes() / 2**20, 1)
+                log(f"  q8: int8 copy {row['q8_copy_mb']} MB, resident now {row['rss_mb']} MB")
             run = row["by_decoder"][decoder] = {"decoder": engine.decoder}
             run["engine_batch1"] = engine_batch1(engine, args.max_tokens, args.trials)
             run["engine_vs_plain_decode"] = round(run["engine_batch1"]["decode_tok_s"]

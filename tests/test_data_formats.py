@@ -121,6 +121,10 @@ def test_bad_records_name_file_line_and_field(tmp_path, record, message):
 def test_detection_failures_are_clear(tmp_path):
     with pytest.raises(UserError, match=r"x.jsonl:1: cannot tell the data format .*\(fields foo\); .*--format"):
         load_conversations(write(tmp_path / "x.jsonl", [{"foo": 1}]))
+    # field names are escaped and counted: a key with a newline or thousands of keys stay one short line
+    with pytest.raises(UserError, match=r"\(fields a\\nb, 0, 1, 2, 3, 4, 5, 6 and 93 more\)") as e:
+        load_conversations(write(tmp_path / "y.jsonl", [{"a\nb": 1, **{str(i): i for i in range(100)}}]))
+    assert "\n" not in str(e.value)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(UserError, match="no records"):

@@ -186,6 +186,14 @@ def _bad(rec: Record, report: Report, field: str | None, problem: str) -> None:
     return None
 
 
+def _field_names(record: dict, shown: int = 8) -> str:
+    """A record's field names for a one-line message: control characters escaped (a key may hold a
+    newline), long names cut, at most `shown` of them."""
+    names = [repr(str(k))[1:-1][:40] for k in list(record)[:shown]]
+    more = f" and {len(record) - shown} more" if len(record) > shown else ""
+    return (", ".join(names) or "none") + more
+
+
 def detect_format(records: Iterator[Record], source: str) -> tuple[str, Iterator[Record]]:
     """The format of the first record that parses, and all the records (none lost to peeking)."""
     seen = []
@@ -194,7 +202,7 @@ def detect_format(records: Iterator[Record], source: str) -> tuple[str, Iterator
         if rec.error is None:
             fmt = detect(rec.value)
             if fmt is None:
-                has = ("fields " + ", ".join(map(str, rec.value))) if isinstance(rec.value, dict) else \
+                has = f"fields {_field_names(rec.value)}" if isinstance(rec.value, dict) else \
                     f"a JSON {type(rec.value).__name__}"
                 raise UserError(f"{rec.where()}: cannot tell the data format from this record ({has}); expected "
                                 "OASST1 messages or trees, chat, ShareGPT, Alpaca or Guanaco records (or preference pairs); name the format "

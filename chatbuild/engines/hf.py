@@ -128,12 +128,16 @@ class HFEngine:
     @classmethod
     def from_model(cls, model, tokenizer, name: str, *, adapters: dict[str, str] | None = None,
                    chat_format: ChatFormat | None = None, max_prompt_tokens: int | None = None,
-                   max_batch: int = 16, decoder: str = "auto") -> "HFEngine":
+                   max_batch: int = 16, decoder: str = "auto", q8: bool = False) -> "HFEngine":
         """An engine over a model already in memory (benchmarks: `chatbuild.shapes.build_random_4bit`),
         served bare under `name`, plus `adapters` ({model name: PEFT adapter name}) already on `model`
-        (then a PeftModel). Run folders cannot be hot-loaded onto it: it has no base on disk to check."""
+        (then a PeftModel). Run folders cannot be hot-loaded onto it: it has no base on disk to check.
+        `q8`: the fast decoder multiplies the (fp32, CPU) model's linear layers in q8."""
         engine = cls.__new__(cls)
-        engine._setup(model, tokenizer, name, chat_format, max_prompt_tokens, max_batch, decoder)
+        if q8:
+            _check_q8(next(model.parameters()).device, decoder)
+        engine._setup(model, tokenizer, name, chat_format, max_prompt_tokens, max_batch, decoder,
+                      q8="asked" if q8 else None)
         engine.base_key = (name, None, "in memory")
         for served, adapter in (adapters or {}).items():
             engine._models[served] = ServedModel(served, adapter, tokenizer, chat_format or ChatFormat())
