@@ -77,12 +77,12 @@ class Projection:
                 self.a_all = torch.cat([a.weight for a, _, _ in loras.values()])
                 self.b_all = torch.cat([b.weight * scaling for _, b, scaling in loras.values()], dim=1)
 
-    def __call__(self, x, plan: "AdapterPlan"):
+    def __call__(self, x, plan: "AdapterPlan", q8: bool = True):
         import torch.nn.functional as F
 
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [rows * tokens, features]: 2-D products, no batched copies
-        out = _linear(self.base, x, self.packed)
+        out = _linear(self.base, x, self.packed if q8 else None)
         if plan.single is not None:
             lora = self.loras.get(plan.single)
             if lora is not None:  # every row of the batch uses this adapter: PEFT's order of operations
@@ -221,10 +221,14 @@ class SlotDecoder:
             v[target, :, :length] = v[source, :, :length]
 
     # ── the forward pass ────────────────────────────────────────────────────────────────────
-    def forward(self, ids, slots: list[int], starts: list[int], last: list[int], adapters: list[str]):
+    def forward(self, ids, slots: list[int], starts: list[int], last: list[int], adapters: list[str],
+                prefill: bool = False):
         """Run `ids` [rows, T] (row i: tokens at positions starts[i].. of slot slots[i], right-padded),
         write their keys and values into the slots, and return float logits [rows, vocab] at each row's
-        position `last[i]` (its last real token, an index into T). Slots must be distinct."""
+        position `last[i]` (its last real token, an index into T). Slots must be distinct. `prefill`:
+        these are prompt tokens; a q8 decoder multiplies them in fp32 (many rows at once are bound by
+        arithmetic, where fp32's BLAS is faster than the q8 kernel; bench/cpu_kernels.py) and decode
+        steps in q8. Which one a token gets depends on the call, never on what else is in the batch."""
         import torch
         import torch.nn.functional as F
 
@@ -243,12 +247,13 @@ class SlotDecoder:
         mask = (torch.arange(columns, device=device) <= positions[:, :, None])[:, None]
         groups = AdapterPlan(adapters, device)
         gqa = self.kv_heads != self.heads
+        q8 = self.q8 and not prefill
         for layer, (q_proj, k_proj, v_proj, o_proj, gate, up, down), keys, values in zip(
                 self.inner.layers, self.layers, self.keys, self.values, strict=True):
             x = layer.input_layernorm(hidden)
-            q = q_proj(x, groups).view(rows, width, -1, self.head_dim).transpose(1, 2)
-            k = k_proj(x, groups).view(rows, width, -1, self.head_dim).transpose(1, 2)
-            v = v_proj(x, groups).view(rows, width, -1, self.head_dim)
+            q = q_proj(x, groups, q8).view(rows, width, -1, self.head_dim).transpose(1, 2)
+            k = k_proj(x, groups, q8).view(rows, width, -1, self.head_dim).transpose(1, 2)
+            v = v_proj(x, groups, q8).view(rows, width, -1, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys[slot_index[:, None], :, positions] = k.transpose(1, 2)
@@ -259,11 +264,11 @@ class SlotDecoder:
                 seen_k, seen_v = keys[slot_index, :, :columns], values[slot_index, :, :columns]
             attended = F.scaled_dot_product_attention(q, seen_k, seen_v, attn_mask=mask, scale=self.scaling,
                                                       enable_gqa=gqa)
-            hidden = hidden + o_proj(attended.transpose(1, 2).reshape(rows, width, -1), groups)
+            hidden = hidden + o_proj(attended.transpose(1, 2).reshape(rows, width, -1), groups, q8)
             x = layer.post_attention_layernorm(hidden)
-            hidden = hidden + down(layer.mlp.act_fn(gate(x, groups)) * up(x, groups), groups)
+            hidden = hidden + down(layer.mlp.act_fn(gate(x, groups, q8)) * up(x, groups, q8), groups, q8)
         ends = hidden[torch.arange(rows, device=device), torch.tensor(last, device=device)]
-        return _linear(self.head, self.inner.norm(ends), self.head_packed).float()
+        return _linear(self.head, self.inner.norm(ends), self.head_packed if q8 else None).float()
 
 
 SKINNY_ROWS = 16  # up to this many rows, W @ x^T beats x @ W^T on CPU (see `_linear`)
