@@ -137,7 +137,7 @@ def test_q8_replies_in_a_mixed_batch_equal_each_reply_alone(runs):
 @pytest.mark.integration
 def test_q8_on_smollm2_agrees_with_fp32(smollm2_base):
     """SmolLM2-135M: with the fp32 decoder's greedy reply as the text, q8 predicts the same next token
-    at >= 90% of its positions (teacher forcing; 97% over five prompts' replies of up to 96 tokens when this
+    at >= 90% of its positions (teacher forcing; 95-97% over six prompts' replies when this
     was written), and its own greedy reply still answers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
