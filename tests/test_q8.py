@@ -194,3 +194,23 @@ def test_auto_serves_q8_on_a_cpu_and_fp32_where_q8_cannot_run(runs, tmp_path, mo
         engine.close()
     with pytest.raises(UserError, match="needs a C compiler"):
         HFEngine.from_runs([runs["run-a"]], precision="q8")
+
+
+def test_prompts_are_prefilled_in_fp32_and_steps_decoded_in_q8(tiny_base):
+    """A q8 decoder's prefill pass is the fp32 decoder's, exactly; the same tokens as a decode-style
+    pass (q8 products) give close but different logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chatbuild.engines.decoder import SlotDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    fp32, q8 = SlotDecoder.for_model(model, slots=1), SlotDecoder.for_model(model, slots=1, q8=True)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.inference_mode():
+        exact = fp32.forward(ids, [0], [0], [5], ["__base__"])
+        prefilled = q8.forward(ids, [0], [0], [5], ["__base__"], prefill=True)
+        stepped = q8.forward(ids, [0], [0], [5], ["__base__"], prefill=False)
+    assert torch.equal(prefilled, exact)
+    assert not torch.equal(stepped, exact)
+    assert float((stepped - exact).norm() / exact.norm()) < 0.05
