@@ -30,6 +30,9 @@ What it does instead, with the model's own weights and modules (no copy of the b
   `B(A(x)) * scaling` per row group exactly as PEFT's mixed-adapter forward does (rows named
   "__base__" get none). So greedy replies equal the transformers path's (tests/test_decoder.py, on
   the tiny base and SmolLM2), up to the last-bit differences batched matrix products may have.
+- **q8** (`serve --quant q8`, `SlotDecoder(..., q8=True)`): decode steps multiply the base's linear
+  layers and the head with `chatbuild.engines.q8` (int8 blocks, weights packed once per module);
+  prompts are still prefilled in fp32. Replies are then q8's own (close to fp32's, not equal).
 
 What it runs: decoder-only models whose layers are Llama's (model_type llama, mistral without a
 sliding window shorter than the context, qwen2), with plain LoRA adapters on their linear layers.
