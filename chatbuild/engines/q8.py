@@ -158,6 +158,4 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.q8_quantize.restype = None
     library.q8_matmul.argtypes = [pointer, size, size, pointer, pointer, size, pointer, ctypes.c_int]
     library.q8_matmul.restype = ctypes.c_int
-    library.q8_has_avx2.argtypes = []
-    library.q8_has_avx2.restype = ctypes.c_int
     return library

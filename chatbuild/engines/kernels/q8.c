@@ -98,11 +98,3 @@ int q8_matmul(const float *x, int64_t m, int64_t k, const int8_t *qw, const floa
     free(dx);
     return 0;
 }
-
-int q8_has_avx2(void) {
-#ifdef __AVX2__
-    return 1;
-#else
-    return 0;
-#endif
-}
