@@ -31,8 +31,13 @@ What it does instead, with the model's own weights and modules (no copy of the b
   "__base__" get none). So greedy replies equal the transformers path's (tests/test_decoder.py, on
   the tiny base and SmolLM2), up to the last-bit differences batched matrix products may have.
 - **q8** (`serve --quant q8`, `SlotDecoder(..., q8=True)`): decode steps multiply the base's linear
-  layers and the head with `chatbuild.engines.q8` (int8 blocks, weights packed once per module);
-  prompts are still prefilled in fp32. Replies are then q8's own (close to fp32's, not equal).
+  layers and the head with `chatbuild.engines.q8` (int8 blocks, weights packed once: q/k/v as one
+  weight, gate/up as one, each product with its rows' LoRA terms in the same kernel call). A step of
+  one token a row runs every layer in ONE kernel call (`q8.decode`: norms, rotary, the KV slot
+  write, attention, SiLU and residuals in C too), so a step is a handful of Python calls instead of
+  some 1,800 and leaves the GIL to the server's threads; the layer-by-layer q8 path remains for other
+  shapes and layers it does not compute. Prompts are still prefilled in fp32. Replies are then q8's
+  own (close to fp32's, not equal), and a row's step computes the same bits in any batch.
 
 What it runs: decoder-only models whose layers are Llama's (model_type llama, mistral without a
 sliding window shorter than the context, qwen2), with plain LoRA adapters on their linear layers.
@@ -44,6 +49,7 @@ BASE_ROWS = "__base__"  # PEFT's name for "no adapter" in mixed batches (chatbui
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+FUSED = ((0, 1, 2), (4, 5))  # PROJECTIONS that read one input: q/k/v, gate/up (one q8 product each)
 MIN_CAPACITY = 128  # columns first allocated per slot
 KEEP_CAPACITY = 1024  # an empty batch keeps a cache at most this long; a longer one is released
 
@@ -63,40 +69,111 @@ class Projection:
     scaling). The zeros add nothing, so each row gets its own adapter's product (rounding aside); the
     cost is a few extra rank columns, and with three adapters in a batch of 8 it halves the step's
     LoRA time (the per-group indexing dominated; bench/NOTES.md). The idea is Punica's / S-LoRA's
-    batched multi-adapter kernels, done with dense products on a CPU."""
+    batched multi-adapter kernels, done with dense products on a CPU. With a packed base (q8), the
+    product and every row's low-rank term are one kernel call (`chatbuild.engines.q8.matmul`)."""
 
     def __init__(self, base, loras: dict, packed=None):
-        import torch
-
         self.base, self.loras, self.packed = base, loras, packed  # packed: the base's Q8Weight (--quant q8)
-        self.layout, self.a_all, self.b_all = (), None, None
-        if loras:
-            start, layout = 0, []
-            for name, (a, _, _) in loras.items():
-                layout.append((name, start, start + a.weight.shape[0]))
-                start += a.weight.shape[0]
-            self.layout = tuple(layout)
-            with torch.no_grad():
-                self.a_all = torch.cat([a.weight for a, _, _ in loras.values()])
-                self.b_all = torch.cat([b.weight * scaling for _, b, scaling in loras.values()], dim=1)
+        self.layout, self.a_all, self.b_all = _stack_loras([(loras, _out_features(base))])
+        self.q8_lora = _q8_lora(self.a_all, self.b_all)
 
     def __call__(self, x, plan: "AdapterPlan", q8: bool = True):
         import torch.nn.functional as F
 
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [rows * tokens, features]: 2-D products, no batched copies
-        out = _linear(self.base, x, self.packed if q8 else None)
+        if q8 and self.packed is not None:  # base product and low-rank terms in one kernel call
+            from chatbuild.engines import q8 as kernel
+
+            out = kernel.matmul(x, self.packed, self.q8_lora, plan.columns(self.layout, _tokens(shape)))
+            return out.view(*shape[:-1], out.shape[-1])
+        out = _linear(self.base, x, None)
         if plan.single is not None:
             lora = self.loras.get(plan.single)
             if lora is not None:  # every row of the batch uses this adapter: PEFT's order of operations
                 a, b, scaling = lora
                 out = out + (F.linear(F.linear(x.to(a.weight.dtype), a.weight), b.weight) * scaling).to(out.dtype)
         elif self.layout:
-            mask = plan.mask(self.layout, shape[1] if len(shape) == 3 else 1, self.a_all.dtype)
+            mask = plan.mask(self.layout, _tokens(shape), self.a_all.dtype)
             if mask is not None:
                 low_rank = (x.to(self.a_all.dtype) @ self.a_all.T) * mask
                 out = out + (low_rank @ self.b_all.T).to(out.dtype)
         return out.view(*shape[:-1], out.shape[-1])
+
+
+class FusedProjection:
+    """Projections that read the same input (q/k/v; gate/up) as one q8 kernel call, for q8 decode
+    steps: one packed weight (the parts' rows stacked) is one product and one quantization of the
+    input instead of three or two, and their adapters are one stacked low-rank product: A matrices
+    stacked (each adapter's columns: its A for q, then k, then v), B block-diagonal (each part's rows
+    see only its own A's columns; the zeros add nothing). Calling it returns the parts' outputs, each
+    computed from its own row alone (`chatbuild.engines.q8.matmul`)."""
+
+    def __init__(self, parts: list[Projection], packed):
+        self.packed, self.sizes = packed, [_out_features(part.base) for part in parts]
+        self.layout, a_all, b_all = _stack_loras([(part.loras, size)
+                                                  for part, size in zip(parts, self.sizes, strict=True)])
+        self.q8_lora = _q8_lora(a_all, b_all)
+
+    def __call__(self, x, plan: "AdapterPlan"):
+        from chatbuild.engines import q8
+
+        shape = x.shape
+        columns = plan.columns(self.layout, _tokens(shape))
+        out = q8.matmul(x.reshape(-1, shape[-1]), self.packed, self.q8_lora, columns)
+        return [part.view(*shape[:-1], part.shape[-1]) for part in out.split(self.sizes, dim=-1)]
+
+
+def _tokens(shape) -> int:
+    """Tokens per row of an input [rows, tokens, features] ([rows, features]: 1)."""
+    return shape[1] if len(shape) == 3 else 1
+
+
+def _q8_lora(a_all, b_all):
+    """Stacked adapters as the q8 kernel takes them (`chatbuild.engines.q8.pack_lora`; None: none)."""
+    if a_all is None:
+        return None
+    from chatbuild.engines import q8
+
+    return q8.pack_lora(a_all, b_all)
+
+
+def _out_features(module) -> int:
+    return getattr(module, "out_features", None) or module.weight.shape[0]
+
+
+def _stack_loras(parts: list[tuple[dict, int]]):
+    """The LoRA adapters of projections sharing one input, stacked (see `Projection`, `FusedProjection`):
+    `parts` lists each projection's {name: (A, B, scaling)} and its output size. Returns the layout
+    ((name, first column, end column), ...), A_all [columns, in] and B_all [sum of outputs, columns]
+    (each B times its scaling, in its part's rows); ((), None, None) without adapters."""
+    import torch
+
+    names = list(dict.fromkeys(name for loras, _ in parts for name in loras))
+    if not names:
+        return (), None, None
+    layout, a_rows, start = [], [], 0
+    rows = sum(size for _, size in parts)
+    with torch.no_grad():
+        for name in names:
+            first = start
+            for loras, _ in parts:
+                if name in loras:
+                    a_rows.append(loras[name][0].weight)
+                    start += loras[name][0].weight.shape[0]
+            layout.append((name, first, start))
+        b_all = a_rows[0].new_zeros(rows, start)
+        column = 0
+        for name in names:
+            row = 0
+            for loras, size in parts:
+                if name in loras:
+                    a, b, scaling = loras[name]
+                    rank = a.weight.shape[0]
+                    b_all[row:row + size, column:column + rank] = b.weight * scaling
+                    column += rank
+                row += size
+        return tuple(layout), torch.cat(a_rows), b_all
 
 
 class AdapterPlan:
@@ -110,6 +187,22 @@ class AdapterPlan:
         self.single = adapters[0] if len(names) == 1 and adapters[0] != BASE_ROWS else None
         self.bare = names == {BASE_ROWS}
         self._masks: dict = {}
+
+    def columns(self, layout: tuple, tokens: int):
+        """int64 [2, rows * tokens]: each token's first and end column of its row's adapter in
+        `layout` (equal: no adapter of `layout`), for the q8 kernel; None when no row uses one."""
+        import torch
+
+        if self.bare or not layout:
+            return None
+        key = ("columns", layout, tokens)
+        if key not in self._masks:
+            where = {name: (start, end) for name, start, end in layout}
+            spans = [where.get(adapter, (0, 0)) for adapter in self.adapters]
+            used = any(end > start for start, end in spans)
+            columns = torch.tensor(spans, dtype=torch.int64).T.repeat_interleave(tokens, dim=1).contiguous()
+            self._masks[key] = columns if used else None
+        return self._masks[key]
 
     def mask(self, layout: tuple, tokens: int, dtype):
         """[rows * tokens, columns] of 0/1: each token of row i keeps the columns of row i's adapter;
@@ -168,24 +261,72 @@ class SlotDecoder:
             raise Unsupported(reason)
         return cls(model, slots, q8)
 
-    def _pack(self, module):
-        """`module`'s Q8Weight when this decoder multiplies in q8 (packed once per module), else None."""
+    def _pack(self, *modules):
+        """The Q8Weight of `modules`' weights stacked (one module: its own) when this decoder multiplies
+        in q8, packed once per module or group; else None."""
+        import torch
+
         if not self.q8:
             return None
-        if module not in self._packed:
+        if modules not in self._packed:
             from chatbuild.engines import q8
 
-            self._packed[module] = q8.pack(module.weight, module.bias)
-        return self._packed[module]
+            with torch.no_grad():
+                weight = torch.cat([m.weight for m in modules]) if len(modules) > 1 else modules[0].weight
+                biases = [m.bias for m in modules]
+                bias = None if all(b is None for b in biases) else torch.cat(
+                    [m.weight.new_zeros(m.weight.shape[0]) if b is None else b
+                     for m, b in zip(modules, biases, strict=True)])
+                self._packed[modules] = q8.pack(weight, bias)
+        return self._packed[modules]
 
     def refresh(self) -> None:
         """Read the layers' projections and adapters again (after an adapter is loaded); Unsupported
-        if an adapter is not plain LoRA on the linear layers."""
+        if an adapter is not plain LoRA on the linear layers. A q8 decoder packs q/k/v and gate/up as
+        one weight each (`FusedProjection`) and the other projections alone."""
         reason = adapter_reason(self.model)
         if reason:
             raise Unsupported(reason)
-        self.layers = [[_projection(getattr(getattr(layer, part), name), self._pack) for part, name in PROJECTIONS]
-                        for layer in self.inner.layers]
+        self.layers, self.fused = [], []
+        for layer in self.inner.layers:
+            projections = [_projection(getattr(getattr(layer, part), name)) for part, name in PROJECTIONS]
+            fused = []
+            if self.q8:
+                for group in FUSED:
+                    parts = [projections[i] for i in group]
+                    fused.append(FusedProjection(parts, self._pack(*(part.base for part in parts))))
+                for i in (3, 6):  # o_proj, down_proj: packed alone
+                    projections[i].packed = self._pack(projections[i].base)
+            self.layers.append(projections)
+            self.fused.append(fused if all(f.packed is not None for f in fused) else None)
+        self.native = self._native_layers() if self.q8 else None
+
+    def _native_layers(self):
+        """The layers as `chatbuild.engines.q8.decode` takes them (a q8 decode step in one call), or
+        None when one of them is not the plain Llama layer it computes: RMSNorm, SiLU MLP, q/k/v and
+        gate/up fused and every product packed."""
+        import torch
+
+        from chatbuild.engines import q8
+
+        if (getattr(getattr(self.inner, "config", None), "hidden_act", None) != "silu"
+                or self.heads % self.kv_heads or self.head_dim % 2):
+            return None
+        table = (q8.Layer * len(self.layers))()
+        for entry, layer, projections, fused in zip(table, self.inner.layers, self.layers, self.fused, strict=True):
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            o, down = projections[3], projections[6]
+            if (not fused or o.packed is None or down.packed is None
+                    or any(getattr(n, "variance_epsilon", None) is None or n.weight.dtype != torch.float32
+                           for n in norms)):
+                return None
+            entry.norm1, entry.norm2 = norms[0].weight.data_ptr(), norms[1].weight.data_ptr()
+            entry.eps1, entry.eps2 = norms[0].variance_epsilon, norms[1].variance_epsilon
+            entry.qkv = q8.projection(fused[0].packed, fused[0].q8_lora)
+            entry.gate_up = q8.projection(fused[1].packed, fused[1].q8_lora)
+            entry.o, entry.down = q8.projection(o.packed, o.q8_lora), q8.projection(down.packed, down.q8_lora)
+        self._native_ff = self.fused[0][1].sizes[0]
+        return table
 
     # ── the cache ───────────────────────────────────────────────────────────────────────────
     def reserve(self, columns: int, rows: int, like) -> None:
@@ -236,6 +377,8 @@ class SlotDecoder:
         import torch.nn.functional as F
 
         rows, width = ids.shape
+        if self.native is not None and not prefill and width == 1:
+            return self._native_step(ids, slots, starts, adapters)
         device = ids.device
         first = slots[0]
         contiguous = slots == list(range(first, first + rows))
@@ -251,12 +394,15 @@ class SlotDecoder:
         groups = AdapterPlan(adapters, device)
         gqa = self.kv_heads != self.heads
         q8 = self.q8 and not prefill
-        for layer, (q_proj, k_proj, v_proj, o_proj, gate, up, down), keys, values in zip(
-                self.inner.layers, self.layers, self.keys, self.values, strict=True):
+        for layer, (q_proj, k_proj, v_proj, o_proj, gate, up, down), fused, keys, values in zip(
+                self.inner.layers, self.layers, self.fused, self.keys, self.values, strict=True):
+            fused = fused if q8 else None
             x = layer.input_layernorm(hidden)
-            q = q_proj(x, groups, q8).view(rows, width, -1, self.head_dim).transpose(1, 2)
-            k = k_proj(x, groups, q8).view(rows, width, -1, self.head_dim).transpose(1, 2)
-            v = v_proj(x, groups, q8).view(rows, width, -1, self.head_dim)
+            q, k, v = fused[0](x, groups) if fused else (q_proj(x, groups, q8), k_proj(x, groups, q8),
+                                                          v_proj(x, groups, q8))
+            q = q.view(rows, width, -1, self.head_dim).transpose(1, 2)
+            k = k.view(rows, width, -1, self.head_dim).transpose(1, 2)
+            v = v.view(rows, width, -1, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys[slot_index[:, None], :, positions] = k.transpose(1, 2)
@@ -269,9 +415,36 @@ class SlotDecoder:
                                                       enable_gqa=gqa)
             hidden = hidden + o_proj(attended.transpose(1, 2).reshape(rows, width, -1), groups, q8)
             x = layer.post_attention_layernorm(hidden)
-            hidden = hidden + down(layer.mlp.act_fn(gate(x, groups, q8)) * up(x, groups, q8), groups, q8)
+            gated, upped = fused[1](x, groups) if fused else (gate(x, groups, q8), up(x, groups, q8))
+            hidden = hidden + down(layer.mlp.act_fn(gated) * upped, groups, q8)
         ends = hidden[torch.arange(rows, device=device), torch.tensor(last, device=device)]
         return _linear(self.head, self.inner.norm(ends), self.head_packed if q8 else None).float()
+
+
+    def _native_step(self, ids, slots: list[int], starts: list[int], adapters: list[str]):
+        """A q8 decode step (one token a row) through `chatbuild.engines.q8.decode`: every layer in one
+        kernel call, the embedding, rotary tables, final norm and head around it as in `forward`."""
+        import torch
+
+        from chatbuild.engines import q8
+
+        rows = ids.shape[0]
+        positions = torch.tensor(starts, dtype=torch.int64)
+        hidden = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(hidden, positions[:, None])
+        self.reserve(max(starts) + 1, max(slots) + 1, hidden)
+        hidden = hidden.reshape(rows, -1).float().contiguous()
+        plan = AdapterPlan(adapters, ids.device)
+        for entry, keys, values, projections, fused in zip(self.native, self.keys, self.values, self.layers,
+                                                           self.fused, strict=True):
+            entry.keys, entry.values = keys.data_ptr(), values.data_ptr()
+            for field, layout in (("qkv", fused[0].layout), ("o", projections[3].layout),
+                                  ("gate_up", fused[1].layout), ("down", projections[6].layout)):
+                q8.set_columns(getattr(entry, field), plan.columns(layout, 1), rows)
+        q8.decode(self.native, hidden, cos.reshape(rows, -1).float().contiguous(),
+                  sin.reshape(rows, -1).float().contiguous(), torch.tensor(slots, dtype=torch.int64), positions,
+                  self.capacity, self.heads, self.kv_heads, self.head_dim, self._native_ff, self.scaling)
+        return _linear(self.head, self.inner.norm(hidden), self.head_packed).float()
 
 
 SKINNY_ROWS = 16  # up to this many rows, W @ x^T beats x @ W^T on CPU (see `_linear`)
@@ -307,12 +480,12 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _projection(module, pack) -> Projection:
+def _projection(module) -> Projection:
     base = getattr(module, "base_layer", None)
     if base is None:
-        return Projection(module, {}, pack(module))
+        return Projection(module, {})
     loras = {name: (module.lora_A[name], module.lora_B[name], module.scaling[name]) for name in module.lora_A}
-    return Projection(base, loras, pack(base))
+    return Projection(base, loras)
 
 
 def q8_reason(model) -> str | None:

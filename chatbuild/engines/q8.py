@@ -15,6 +15,12 @@ with its own scale (absmax / 127); activations are quantized the same way at eve
 block's dot product is exact and only two scales are floating point. Greedy replies are q8's own:
 close to fp32's, not always equal (tests/test_q8.py measures the agreement on SmolLM2).
 
+Besides the product (tiles of 2 weight rows x 4 activation rows; a fused projection's LoRA terms,
+each row its own adapter's columns, added in the same call), the kernel file has `q8_decode`: a
+whole decode step of a Llama-family model, every layer, in one call (`decode`; the fast decoder's
+q8 steps). Every output is computed from its own row alone, so a row's result is the same in any
+batch.
+
 The kernel (kernels/q8.c) is compiled once per machine with the system's C compiler (`$CC`, default
 `cc`; -O3, OpenMP, AVX2/FMA where the CPU has them) into $CHATBUILD_HOME/kernels/, and loaded with
 ctypes (which releases the GIL during the call). No compiler: `--quant q8` is refused with the reason.
@@ -80,8 +86,23 @@ def pack(weight, bias=None) -> Q8Weight | None:
     return Q8Weight(values, scales, None if bias is None else bias.detach().float())
 
 
-def matmul(x, weight: Q8Weight):
-    """x [rows, in] (fp32) times `weight` transposed: [rows, out] fp32, plus the bias."""
+def pack_lora(a_all, b_all):
+    """Stacked LoRA adapters (A_all [r, in], B_all [out, r], scalings included: the fast decoder's
+    layout) as `matmul` takes them: A_all fp32, and B_all blocked by 8 outputs, [ceil(out / 8), r, 8]
+    (the kernel reads 8 outputs' terms as one vector, sequentially)."""
+    import torch
+
+    out, rank = b_all.shape
+    padded = torch.zeros(-(-out // 8) * 8, rank, dtype=torch.float32)
+    padded[:out] = b_all.detach().float()
+    return a_all.detach().float().contiguous(), padded.view(-1, 8, rank).transpose(1, 2).contiguous()
+
+
+def matmul(x, weight: Q8Weight, lora=None, columns=None):
+    """x [rows, in] (fp32) times `weight` transposed: [rows, out] fp32, plus the bias; with `lora`
+    (`pack_lora`'s stacked adapters) and `columns` (int64 [2, rows]: row i's first and end column of
+    A_all; equal for no adapter), plus each row's low-rank term, all in one kernel call. Each row's
+    result depends on that row alone (the same bits in any batch)."""
     import torch
 
     x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
@@ -91,11 +112,21 @@ def matmul(x, weight: Q8Weight):
         raise ValueError(f"q8.matmul: input of {size} features for a weight of {weight.shape}")
     y = torch.empty(rows, out, dtype=torch.float32)
     if rows:
+        bias = weight.bias.data_ptr() if weight.bias is not None else None
+        a = bt = lo = hi = None
+        rank = 0
+        if lora is not None and columns is not None:
+            (a, b), rank = lora, lora[0].shape[0]
+            if (columns.shape != (2, rows) or columns.dtype != torch.int64 or a.shape[1] != size
+                    or b.shape != (-(-out // 8), rank, 8)):
+                raise ValueError(f"q8.matmul: LoRA of {tuple(a.shape)}, {tuple(b.shape)} and columns "
+                                 f"{tuple(columns.shape)} for {rows} rows of {size} into {out}")
+            a, bt, lo, hi = a.data_ptr(), b.data_ptr(), columns[0].data_ptr(), columns[1].data_ptr()
         status = kernel().q8_matmul(x.data_ptr(), rows, size, weight.values.data_ptr(), weight.scales.data_ptr(),
-                                    out, y.data_ptr(), torch.get_num_threads())
+                                    out, y.data_ptr(), torch.get_num_threads(), bias, a, bt, rank, lo, hi)
         if status:
             raise MemoryError(f"q8.matmul: no memory for {rows} x {size} quantized activations")
-    return y if weight.bias is None else y + weight.bias
+    return y
 
 
 # ── building and loading the kernel ──────────────────────────────────────────────────────────
@@ -152,10 +183,66 @@ def build(cache: Path | None = None) -> Path:
     return target
 
 
+# ── a whole decode step in one call (kernels/q8.c: q8_decode) ────────────────────────────────
+class Projection(ctypes.Structure):
+    """One packed product as q8_decode takes it: weight, scales, bias, LoRA (A, blocked B, rank),
+    sizes, and the rows' adapter columns (set per step)."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("d", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("la", ctypes.c_void_p),
+                ("lb", ctypes.c_void_p), ("r", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("lo", ctypes.c_void_p), ("hi", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    """One decoder layer as q8_decode takes it: the two RMSNorm weights and epsilons, the four products
+    (q/k/v and gate/up fused), and the layer's KV cache (set per step)."""
+
+    _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("eps1", ctypes.c_float),
+                ("eps2", ctypes.c_float), ("qkv", Projection), ("o", Projection), ("gate_up", Projection),
+                ("down", Projection), ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
+
+
+def projection(weight: Q8Weight, lora=None) -> Projection:
+    """`weight` (and `pack_lora`'s adapters, or None) as a q8_decode Projection; the tensors must
+    outlive it."""
+    out, size = weight.shape
+    p = Projection(weight.values.data_ptr(), weight.scales.data_ptr(),
+                   None if weight.bias is None else weight.bias.data_ptr(), None, None, 0, out, size, None, None)
+    if lora is not None:
+        p.la, p.lb, p.r = lora[0].data_ptr(), lora[1].data_ptr(), lora[0].shape[0]
+    return p
+
+
+def set_columns(p: Projection, columns, rows: int) -> None:
+    """Point `p` at this step's adapter columns (int64 [2, rows], contiguous), or none."""
+    if columns is None:
+        p.lo = p.hi = None
+    else:
+        p.lo, p.hi = columns.data_ptr(), columns.data_ptr() + 8 * rows
+
+
+def decode(layers, hidden, cos, sin, slots, positions, capacity: int, heads: int, kv_heads: int,
+           head_dim: int, ff: int, scale: float) -> None:
+    """Run one decode step through `layers` (a ctypes array of Layer), updating `hidden` [rows, d]
+    (fp32, contiguous) in place; cos/sin [rows, head_dim], slots/positions int64 [rows]."""
+    import torch
+
+    rows, size = hidden.shape
+    status = kernel().q8_decode(layers, len(layers), hidden.data_ptr(), rows, size, heads, kv_heads, head_dim, ff,
+                                cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), positions.data_ptr(), capacity,
+                                scale, torch.get_num_threads())
+    if status:
+        raise MemoryError(f"q8.decode: no memory for a step of {rows} rows")
+
+
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.q8_quantize.argtypes = [pointer, size, size, pointer, pointer]
     library.q8_quantize.restype = None
-    library.q8_matmul.argtypes = [pointer, size, size, pointer, pointer, size, pointer, ctypes.c_int]
+    library.q8_matmul.argtypes = [pointer, size, size, pointer, pointer, size, pointer, ctypes.c_int,
+                                  pointer, pointer, pointer, size, pointer, pointer]
     library.q8_matmul.restype = ctypes.c_int
+    library.q8_decode.argtypes = [ctypes.POINTER(Layer), size, pointer, size, size, size, size, size, size,
+                                  pointer, pointer, pointer, pointer, size, ctypes.c_float, ctypes.c_int]
+    library.q8_decode.restype = ctypes.c_int
     return library

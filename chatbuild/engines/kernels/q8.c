@@ -8,8 +8,14 @@
  * are floating point. The block format is GGML's Q8_0 (llama.cpp), as is the AVX2 idea of taking the
  * absolute value of one operand and moving its sign onto the other, so that `maddubs` (unsigned x
  * signed bytes) can multiply two signed vectors without overflow (|products| <= 2 * 127 * 127).
- * Without AVX2 the same sums run as plain loops. Threads: OpenMP over output rows, as many as the
- * caller asks (torch.get_num_threads()); loaded after torch, this library shares torch's libgomp. */
+ *
+ * The AVX2 product works on tiles of 2 weight rows x 4 activation rows: each block of the two weight
+ * rows is loaded once for four activation rows and each activation block once for two weight rows,
+ * and the eight accumulators stay in registers (a tile is fixed-size code, not a loop over a runtime
+ * count, which would keep them in memory). Leftover rows take the same sums one at a time.
+ * Without AVX2 the same sums run as plain loops. Threads: OpenMP over pairs of output rows, as many
+ * as the caller asks (torch.get_num_threads()); loaded after torch, this library shares torch's
+ * libgomp. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -19,16 +25,51 @@
 
 #define QK 32
 
+/* Round half away from zero, exactly: the truncation plus one step outward when the fraction
+ * dropped is at least one half (v - trunc(v) is exact for |v| < 2^23). */
+static inline float round_away(float v) {
+    float t = truncf(v);
+    return fabsf(v - t) >= 0.5f ? t + copysignf(1.f, v) : t;
+}
+
 /* Quantize `rows` x `k` fp32 values into int8 blocks and their scales (round half away from zero). */
 void q8_quantize(const float *x, int64_t rows, int64_t k, int8_t *q, float *d) {
     int64_t blocks = rows * (k / QK);
     for (int64_t i = 0; i < blocks; i++) {
         const float *v = x + i * QK;
+#ifdef __AVX2__
+        const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 in[4], amax = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            in[j] = _mm256_loadu_ps(v + 8 * j);
+            amax = _mm256_max_ps(amax, _mm256_and_ps(in[j], magnitude));
+        }
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        float scale = _mm_cvtss_f32(m) / 127.f, inverse = scale > 0.f ? 1.f / scale : 0.f;
+        d[i] = scale;
+        const __m256 inv = _mm256_set1_ps(inverse), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f);
+        __m256i ints[4];
+        for (int j = 0; j < 4; j++) {
+            __m256 s = _mm256_mul_ps(in[j], inv);
+            __m256 t = _mm256_round_ps(s, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            __m256 up = _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(s, t), magnitude), half, _CMP_GE_OQ);
+            __m256 step = _mm256_and_ps(up, _mm256_or_ps(one, _mm256_andnot_ps(magnitude, s)));  /* +-1 */
+            ints[j] = _mm256_cvttps_epi32(_mm256_add_ps(t, step));
+        }
+        /* 32 int32 -> 32 int8: the packs interleave 128-bit lanes; the permute puts them back in order */
+        __m256i lo = _mm256_packs_epi32(ints[0], ints[1]), hi = _mm256_packs_epi32(ints[2], ints[3]);
+        __m256i bytes = _mm256_packs_epi16(lo, hi);
+        bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + i * QK), bytes);
+#else
         float amax = 0.f;
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
         float scale = amax / 127.f, inverse = scale > 0.f ? 1.f / scale : 0.f;
         d[i] = scale;
-        for (int j = 0; j < QK; j++) q[i * QK + j] = (int8_t)roundf(v[j] * inverse);
+        for (int j = 0; j < QK; j++) q[i * QK + j] = (int8_t)round_away(v[j] * inverse);
+#endif
     }
 }
 
@@ -40,61 +81,299 @@ static inline float sum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* 8 int32 partial sums of <w, x> over one block; |w| is precomputed, sign(x, w) moves w's sign. */
-static inline __m256 block_dot(__m256i abs_w, __m256i w, const int8_t *x) {
-    __m256i xv = _mm256_loadu_si256((const __m256i *)x);
-    __m256i pairs = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(xv, w));
+/* 8 int32 partial sums of <w, x> over one block, as floats; abs_w = |w|, sign(x, w) moves w's sign. */
+static inline __m256 block_dot(__m256i abs_w, __m256i w, __m256i x) {
+    __m256i pairs = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w));
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
+
+/* Weight rows w0, w1 times activation rows x0..x3: y[i * ldy + 0..1] for each activation row i. */
+static void tile_2x4(const int8_t *w0, const float *d0, const int8_t *w1, const float *d1,
+                     const int8_t *x, const float *dx, int64_t k, float *y, int64_t ldy) {
+    int64_t blocks = k / QK;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+    __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + b * QK)), s0 = _mm256_sign_epi8(v0, v0);
+        __m256i v1 = _mm256_loadu_si256((const __m256i *)(w1 + b * QK)), s1 = _mm256_sign_epi8(v1, v1);
+        __m256 e0 = _mm256_set1_ps(d0[b]), e1 = _mm256_set1_ps(d1[b]);
+#define ROW(i, acc0, acc1)                                                                   \
+        {                                                                                    \
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + (i) * k + b * QK));        \
+            __m256 f = _mm256_set1_ps(dx[(i) * blocks + b]);                                 \
+            acc0 = _mm256_fmadd_ps(block_dot(s0, v0, xv), _mm256_mul_ps(e0, f), acc0);       \
+            acc1 = _mm256_fmadd_ps(block_dot(s1, v1, xv), _mm256_mul_ps(e1, f), acc1);       \
+        }
+        ROW(0, a00, a10) ROW(1, a01, a11) ROW(2, a02, a12) ROW(3, a03, a13)
+#undef ROW
+    }
+    y[0] = sum8(a00); y[1] = sum8(a10);
+    y[ldy] = sum8(a01); y[ldy + 1] = sum8(a11);
+    y[2 * ldy] = sum8(a02); y[2 * ldy + 1] = sum8(a12);
+    y[3 * ldy] = sum8(a03); y[3 * ldy + 1] = sum8(a13);
+}
 #endif
 
-/* One output column n for activation rows m0..m0+count-1 (count <= 4). */
-static void column(const int8_t *qx, const float *dx, int64_t m0, int count, int64_t k,
-                   const int8_t *wr, const float *dwr, int64_t n, int64_t n_total, float *y) {
+/* One output: weight row w (scales dw) times activation row x (scales dx). */
+static float dot_row(const int8_t *w, const float *dw, const int8_t *x, const float *dx, int64_t k) {
     int64_t blocks = k / QK;
 #ifdef __AVX2__
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(wr + b * QK));
-        __m256i abs_w = _mm256_sign_epi8(w, w);
-        for (int i = 0; i < count; i++) {
-            int64_t m = m0 + i;
-            __m256 scale = _mm256_set1_ps(dwr[b] * dx[m * blocks + b]);
-            acc[i] = _mm256_fmadd_ps(block_dot(abs_w, w, qx + m * k + b * QK), scale, acc[i]);
-        }
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * QK));
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + b * QK));
+        acc = _mm256_fmadd_ps(block_dot(_mm256_sign_epi8(v, v), v, xv), _mm256_set1_ps(dw[b] * dx[b]), acc);
     }
-    for (int i = 0; i < count; i++) y[(m0 + i) * n_total + n] = sum8(acc[i]);
+    return sum8(acc);
 #else
-    for (int i = 0; i < count; i++) {
-        int64_t m = m0 + i;
-        float acc = 0.f;
-        for (int64_t b = 0; b < blocks; b++) {
-            int32_t dot = 0;
-            for (int j = 0; j < QK; j++) dot += (int32_t)wr[b * QK + j] * (int32_t)qx[m * k + b * QK + j];
-            acc += dwr[b] * dx[m * blocks + b] * (float)dot;
-        }
-        y[m * n_total + n] = acc;
+    float acc = 0.f;
+    for (int64_t b = 0; b < blocks; b++) {
+        int32_t dot = 0;
+        for (int j = 0; j < QK; j++) dot += (int32_t)w[b * QK + j] * (int32_t)x[b * QK + j];
+        acc += dw[b] * dx[b] * (float)dot;
     }
+    return acc;
 #endif
 }
 
-/* y [m, n] = x [m, k] times the packed weight [n, k] transposed. k must be a multiple of QK.
- * Returns 0, or -1 if scratch memory could not be allocated. */
+/* <a, b> over k fp32 values, always summed in the same order. */
+static float dot_f32(const float *a, const float *b, int64_t k) {
+    int64_t j = 0;
+#ifdef __AVX2__
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    for (; j + 32 <= k; j += 32) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 16), _mm256_loadu_ps(b + j + 16), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 24), _mm256_loadu_ps(b + j + 24), acc3);
+    }
+    float sum = sum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+#else
+    float sum = 0.f;
+#endif
+    for (; j < k; j++) sum += a[j] * b[j];
+    return sum;
+}
+
+/* row[start..end) += bias (or NULL) + sum over c in lo..hi-1 of t[c] * B[j, c], for each output in
+ * this order. B is blocked by 8 outputs: lb[(j / 8) * r * 8 + c * 8 + j % 8], so the terms of 8
+ * outputs are 8 consecutive floats and a block of outputs reads its columns sequentially. start is a
+ * multiple of 8. */
+static void add_terms(float *row, const float *bias, const float *t, const float *lb, int64_t r, int64_t lo,
+                      int64_t hi, int64_t start, int64_t end) {
+    int64_t j = start;
+#ifdef __AVX2__
+    for (; j + 32 <= end; j += 32) {  /* four blocks at a time: four independent chains of FMAs */
+        const float *block = lb + (j / 8) * r * 8;
+        __m256 acc[4];
+        for (int v = 0; v < 4; v++) {
+            acc[v] = _mm256_loadu_ps(row + j + 8 * v);
+            if (bias) acc[v] = _mm256_add_ps(acc[v], _mm256_loadu_ps(bias + j + 8 * v));
+        }
+        for (int64_t c = lo; c < hi; c++) {
+            __m256 s = _mm256_set1_ps(t[c]);
+            for (int v = 0; v < 4; v++)
+                acc[v] = _mm256_fmadd_ps(s, _mm256_loadu_ps(block + v * r * 8 + c * 8), acc[v]);
+        }
+        for (int v = 0; v < 4; v++) _mm256_storeu_ps(row + j + 8 * v, acc[v]);
+    }
+#endif
+    for (; j < end; j += 8) {
+        int64_t width = end - j < 8 ? end - j : 8;
+        const float *block = lb + (j / 8) * r * 8;
+        float sums[8];
+        for (int v = 0; v < width; v++) sums[v] = row[j + v] + (bias ? bias[j + v] : 0.f);
+#ifdef __AVX2__
+        __m256 acc = _mm256_loadu_ps(sums);
+        for (int64_t c = lo; c < hi; c++) acc = _mm256_fmadd_ps(_mm256_set1_ps(t[c]), _mm256_loadu_ps(block + c * 8), acc);
+        _mm256_storeu_ps(sums, acc);
+#else
+        for (int64_t c = lo; c < hi; c++)
+            for (int v = 0; v < 8; v++) sums[v] = fmaf(t[c], block[c * 8 + v], sums[v]);
+#endif
+        for (int v = 0; v < width; v++) row[j + v] = sums[v];
+    }
+}
+
+#define CHUNK 64 /* outputs per task: their products, then their bias and low-rank terms */
+
+/* y [m, n] = x [m, k] times the packed weight [n, k] transposed, plus `bias` [n] (or NULL), plus
+ * LoRA's low-rank terms (or la = NULL): row i of x uses the stacked columns lo[i]..hi[i]-1 of
+ * la [r, k] (the A matrices) and B [n, r] (the B matrices side by side, scaling included; blocked as
+ * `add_terms` reads it): y[i, j] += sum over c of <x[i, :], la[c, :]> * B[j, c], c in increasing order. A row that uses
+ * no adapter has lo[i] == hi[i]. Each output is computed from its own row alone, in an order that
+ * does not depend on the other rows, so a row's result is the same in any batch.
+ * k must be a multiple of QK. Returns 0, or -1 if scratch memory could not be allocated. */
 int q8_matmul(const float *x, int64_t m, int64_t k, const int8_t *qw, const float *dw, int64_t n,
-              float *y, int threads) {
+              float *y, int threads, const float *bias, const float *la, const float *lb, int64_t r,
+              const int64_t *lo, const int64_t *hi) {
     int64_t blocks = k / QK;
     int8_t *qx = malloc((size_t)(m * k));
     float *dx = malloc((size_t)(m * blocks) * sizeof(float));
-    if (!qx || !dx) { free(qx); free(dx); return -1; }
-    q8_quantize(x, m, k, qx, dx);
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t j = 0; j < n; j++) {
-        for (int64_t i = 0; i < m; i += 4) {
-            int count = m - i < 4 ? (int)(m - i) : 4;
-            column(qx, dx, i, count, k, qw + j * k, dw + j * blocks, j, n, y);
+    float *t = la ? malloc((size_t)(m * r) * sizeof(float) + 1) : NULL;
+    if (!qx || !dx || (la && !t)) { free(qx); free(dx); free(t); return -1; }
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++) q8_quantize(x + i * k, 1, k, qx + i * k, dx + i * blocks);
+        if (la) {  /* the low-rank inputs t[i, c] = <x[i, :], la[c, :]> of each row's own columns */
+            #pragma omp for schedule(static)
+            for (int64_t e = 0; e < m * r; e++) {
+                int64_t i = e / r, c = e % r;
+                if (c >= lo[i] && c < hi[i]) t[e] = dot_f32(x + i * k, la + c * k, k);
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < chunks; p++) {
+            int64_t start = p * CHUNK, end = start + CHUNK < n ? start + CHUNK : n;
+            int64_t i = 0;
+#ifdef __AVX2__
+            /* rows outer, weight pairs inner: the chunk's weight rows stay in cache for every tile of
+             * rows, and a tile's activations are read from L1 for every pair */
+            int64_t paired = start + (end - start) / 2 * 2;
+            for (; i + 4 <= m; i += 4) {
+                for (int64_t j = start; j < paired; j += 2)
+                    tile_2x4(qw + j * k, dw + j * blocks, qw + (j + 1) * k, dw + (j + 1) * blocks,
+                             qx + i * k, dx + i * blocks, k, y + i * n + j, n);
+                for (int64_t j = paired; j < end; j++)
+                    for (int64_t row = i; row < i + 4; row++)
+                        y[row * n + j] = dot_row(qw + j * k, dw + j * blocks, qx + row * k, dx + row * blocks, k);
+            }
+#endif
+            for (; i < m; i++)
+                for (int64_t j = start; j < end; j++)
+                    y[i * n + j] = dot_row(qw + j * k, dw + j * blocks, qx + i * k, dx + i * blocks, k);
+            if (bias || la)
+                for (int64_t i = 0; i < m; i++)
+                    add_terms(y + i * n, bias, la ? t + i * r : NULL, lb, r, la ? lo[i] : 0, la ? hi[i] : 0,
+                              start, end);
         }
     }
     free(qx);
     free(dx);
+    free(t);
     return 0;
+}
+
+/* ── a whole decode step's layers (the fast decoder's q8 steps) ─────────────────────────────────
+ *
+ * One new token per row, through every layer of a Llama-family model, in one call: RMSNorm, the
+ * fused q/k/v product, rotary embedding (rotate-half form, cos/sin given per row), the token's key
+ * and value written into its row's KV slot, attention over the slot's positions 0..pos, the output
+ * product, the residual, RMSNorm, the fused gate/up product, SiLU(gate) * up, the down product, the
+ * residual. The products are q8_matmul's (LoRA included); everything else is plain fp32 loops, each
+ * row on its own, so a row's result does not depend on the other rows. It replaces some sixty small
+ * PyTorch calls per layer, each of which would otherwise dispatch from Python and take the GIL back
+ * from the server's threads. */
+typedef struct {
+    const int8_t *w;
+    const float *d, *bias, *la, *lb;
+    int64_t r, n, k;
+    const int64_t *lo, *hi;
+} q8_proj;
+
+typedef struct {
+    const float *norm1, *norm2;
+    float eps1, eps2;
+    q8_proj qkv, o, gate_up, down;
+    float *keys, *values; /* [slots, kv_heads, capacity, head_dim] */
+} q8_layer;
+
+static int proj_matmul(const q8_proj *p, const float *x, int64_t m, float *y, int threads) {
+    /* no columns this step (every row bare): no low-rank terms */
+    return q8_matmul(x, m, p->k, p->w, p->d, p->n, y, threads, p->bias, p->lo ? p->la : NULL, p->lb, p->r,
+                     p->lo, p->hi);
+}
+
+static void rms_norm(const float *x, const float *weight, float eps, int64_t m, int64_t d, float *out) {
+    for (int64_t i = 0; i < m; i++) {
+        const float *v = x + i * d;
+        float sum = 0.f;
+        for (int64_t j = 0; j < d; j++) sum += v[j] * v[j];
+        float scale = 1.f / sqrtf(sum / (float)d + eps);
+        for (int64_t j = 0; j < d; j++) out[i * d + j] = weight[j] * (v[j] * scale);
+    }
+}
+
+/* x [count, head_dim] rotated in place: x * cos + rotate_half(x) * sin */
+static void rotate(float *x, int64_t count, int64_t head_dim, const float *cos, const float *sin) {
+    int64_t half = head_dim / 2;
+    for (int64_t h = 0; h < count; h++) {
+        float *v = x + h * head_dim;
+        for (int64_t j = 0; j < half; j++) {
+            float a = v[j], b = v[j + half];
+            v[j] = a * cos[j] - b * sin[j];
+            v[j + half] = b * cos[j + half] + a * sin[j + half];
+        }
+    }
+}
+
+int q8_decode(const q8_layer *layers, int64_t count, float *hidden, int64_t m, int64_t d, int64_t heads,
+              int64_t kv_heads, int64_t head_dim, int64_t ff, const float *cos, const float *sin,
+              const int64_t *slots, const int64_t *positions, int64_t capacity, float scale, int threads) {
+    int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, qkv_size = q_size + 2 * kv_size;
+    int64_t longest = 0;
+    for (int64_t i = 0; i < m; i++) longest = positions[i] + 1 > longest ? positions[i] + 1 : longest;
+    float *x = malloc((size_t)(m * d) * sizeof(float));
+    float *qkv = malloc((size_t)(m * qkv_size) * sizeof(float));
+    float *attended = malloc((size_t)(m * q_size) * sizeof(float));
+    float *gate_up = malloc((size_t)(m * 2 * ff) * sizeof(float));
+    float *scores = malloc((size_t)(m * heads * longest) * sizeof(float));
+    int status = 0;
+    if (!x || !qkv || !attended || !gate_up || !scores) status = -1;
+    for (int64_t l = 0; l < count && !status; l++) {
+        const q8_layer *layer = layers + l;
+        rms_norm(hidden, layer->norm1, layer->eps1, m, d, x);
+        if ((status = proj_matmul(&layer->qkv, x, m, qkv, threads))) break;
+        for (int64_t i = 0; i < m; i++) {  /* rotary, then the new key and value into the row's slot */
+            float *row = qkv + i * qkv_size;
+            rotate(row, heads + kv_heads, head_dim, cos + i * head_dim, sin + i * head_dim);
+            for (int64_t h = 0; h < kv_heads; h++) {
+                int64_t at = ((slots[i] * kv_heads + h) * capacity + positions[i]) * head_dim;
+                for (int64_t j = 0; j < head_dim; j++) {
+                    layer->keys[at + j] = row[q_size + h * head_dim + j];
+                    layer->values[at + j] = row[q_size + kv_size + h * head_dim + j];
+                }
+            }
+        }
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t task = 0; task < m * heads; task++) {  /* attention: one (row, head) per task */
+            int64_t i = task / heads, h = task % heads, g = h / (heads / kv_heads), length = positions[i] + 1;
+            const float *q = qkv + i * qkv_size + h * head_dim;
+            const float *keys = layer->keys + (slots[i] * kv_heads + g) * capacity * head_dim;
+            const float *values = layer->values + (slots[i] * kv_heads + g) * capacity * head_dim;
+            float *s = scores + task * longest, top = -INFINITY, total = 0.f;
+            for (int64_t c = 0; c < length; c++) {
+                s[c] = dot_f32(q, keys + c * head_dim, head_dim) * scale;
+                top = s[c] > top ? s[c] : top;
+            }
+            for (int64_t c = 0; c < length; c++) total += (s[c] = expf(s[c] - top));
+            float *out = attended + i * q_size + h * head_dim;
+            for (int64_t j = 0; j < head_dim; j++) out[j] = 0.f;
+            for (int64_t c = 0; c < length; c++) {
+                float w = s[c] / total;
+                const float *v = values + c * head_dim;
+                for (int64_t j = 0; j < head_dim; j++) out[j] += w * v[j];
+            }
+        }
+        if ((status = proj_matmul(&layer->o, attended, m, x, threads))) break;
+        for (int64_t e = 0; e < m * d; e++) hidden[e] += x[e];
+        rms_norm(hidden, layer->norm2, layer->eps2, m, d, x);
+        if ((status = proj_matmul(&layer->gate_up, x, m, gate_up, threads))) break;
+        for (int64_t i = 0; i < m; i++) {  /* SiLU(gate) * up, into the gate half */
+            float *g = gate_up + i * 2 * ff, *u = g + ff;
+            for (int64_t j = 0; j < ff; j++) g[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+        }
+        for (int64_t i = 0; i < m; i++)  /* the down product reads rows of 2 * ff: compact them first */
+            for (int64_t j = 0; j < ff && i; j++) gate_up[i * ff + j] = gate_up[i * 2 * ff + j];
+        if ((status = proj_matmul(&layer->down, gate_up, m, x, threads))) break;
+        for (int64_t e = 0; e < m * d; e++) hidden[e] += x[e];
+    }
+    free(x);
+    free(qkv);
+    free(attended);
+    free(gate_up);
+    free(scores);
+    return status;
 }
