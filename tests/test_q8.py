@@ -297,3 +297,27 @@ def test_a_layer_the_one_call_step_does_not_compute_keeps_the_layer_by_layer_pat
         q8.forward(torch.tensor([[5, 6, 7]]), [0], [0], [2], ["__base__"], True)
         logits = q8.forward(torch.tensor([[8]]), [0], [3], [0], ["__base__"])
     assert logits.shape == (1, model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_the_kernel_without_avx2_computes_the_same(tmp_path, monkeypatch):
+    """Built without AVX2 (a CPU that lacks it), the kernel's plain loops quantize exactly as the AVX2
+    build does and give the same products, bias and LoRA terms up to the order of float additions."""
+    import ctypes
+
+    import torch
+
+    from chatbuild.engines import q8
+
+    torch.manual_seed(5)
+    w, x = torch.randn(37, 96), torch.randn(6, 96)
+    a, b, bias = torch.randn(8, 96), torch.randn(37, 8), torch.randn(37)
+    columns = torch.tensor([[0, 4], [4, 8], [0, 0], [0, 8], [0, 4], [4, 8]]).T.contiguous()
+    fast = q8.pack(w, bias)
+    expected = q8.matmul(x, fast, q8.pack_lora(a, b), columns)
+    monkeypatch.setattr(q8, "compile_flags", lambda: ["-O2", "-std=c11", "-shared", "-fPIC", "-fopenmp"])
+    plain = q8._declare(ctypes.CDLL(str(q8.build(cache=tmp_path))))
+    monkeypatch.setattr(q8, "_library", plain)
+    slow = q8.pack(w, bias)
+    assert torch.equal(slow.values, fast.values) and torch.equal(slow.scales, fast.scales)
+    got = q8.matmul(x, slow, q8.pack_lora(a, b), columns)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4)
