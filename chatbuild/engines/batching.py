@@ -238,8 +238,8 @@ class SlotBatch:
     next free slots; a long prompt is prefilled chunk by chunk into slot n (nobody joins meanwhile:
     the chunking prompt heads the queue) and moves to the last row's slot if rows left meanwhile. A
     leaving row's slot is taken by the batch's last row (one row's keys and values copied), so the
-    others keep their slots. The same calls as `HFBatch`; `forward(ids, slots, starts, last, adapters,
-    prefill)` is the decoder's, run under the engine's lock (`prefill`: True for prompt tokens)."""
+    others keep their slots. The same calls as `HFBatch`; `forward(ids, slots, starts, last, adapters)`
+    is the decoder's, run under the engine's lock."""
 
     def __init__(self, decoder, forward: Callable, device):
         self.decoder, self.forward, self.device = decoder, forward, device
@@ -252,7 +252,7 @@ class SlotBatch:
         width = max(len(r.prompt) for r in group)
         ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in group], device=self.device)
         logits = self.forward(ids, list(range(first, first + len(group))), [0] * len(group),
-                              [len(r.prompt) - 1 for r in group], [r.adapter for r in group], True)
+                              [len(r.prompt) - 1 for r in group], [r.adapter for r in group])
         self.lengths.extend(len(r.prompt) for r in group)
         return logits
 
@@ -265,7 +265,7 @@ class SlotBatch:
             self.decoder.move(request.cache, slot, start)
         request.cache = slot
         ids = torch.tensor([request.prompt[start:end]], device=self.device)
-        logits = self.forward(ids, [slot], [start], [end - start - 1], [request.adapter], True)
+        logits = self.forward(ids, [slot], [start], [end - start - 1], [request.adapter])
         request.prefilled = end
         if end < len(request.prompt):
             return None

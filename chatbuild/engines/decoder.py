@@ -36,8 +36,9 @@ What it does instead, with the model's own weights and modules (no copy of the b
   one token a row runs every layer in ONE kernel call (`q8.decode`: norms, rotary, the KV slot
   write, attention, SiLU and residuals in C too), so a step is a handful of Python calls instead of
   some 1,800 and leaves the GIL to the server's threads; the layer-by-layer q8 path remains for other
-  shapes and layers it does not compute. Prompts are still prefilled in fp32. Replies are then q8's
-  own (close to fp32's, not equal), and a row's step computes the same bits in any batch.
+  shapes and layers it does not compute. Prompts are multiplied in q8 too (the kernel beats fp32's
+  BLAS at hundreds of rows). Replies are then q8's own (close to fp32's, not equal), and a row's
+  step computes the same bits in any batch.
 
 What it runs: decoder-only models whose layers are Llama's (model_type llama, mistral without a
 sliding window shorter than the context, qwen2), with plain LoRA adapters on their linear layers.
@@ -365,19 +366,17 @@ class SlotDecoder:
             v[target, :, :length] = v[source, :, :length]
 
     # ── the forward pass ────────────────────────────────────────────────────────────────────
-    def forward(self, ids, slots: list[int], starts: list[int], last: list[int], adapters: list[str],
-                prefill: bool = False):
+    def forward(self, ids, slots: list[int], starts: list[int], last: list[int], adapters: list[str]):
         """Run `ids` [rows, T] (row i: tokens at positions starts[i].. of slot slots[i], right-padded),
         write their keys and values into the slots, and return float logits [rows, vocab] at each row's
-        position `last[i]` (its last real token, an index into T). Slots must be distinct. `prefill`:
-        these are prompt tokens; a q8 decoder multiplies them in fp32 (many rows at once are bound by
-        arithmetic, where fp32's BLAS is faster than the q8 kernel; bench/cpu_kernels.py) and decode
-        steps in q8. Which one a token gets depends on the call, never on what else is in the batch."""
+        position `last[i]` (its last real token, an index into T). Slots must be distinct. A q8 decoder
+        multiplies prompts and steps in q8 (its repacked kernel beats fp32's BLAS at many rows too), and
+        a one-token-a-row step runs every layer in one kernel call."""
         import torch
         import torch.nn.functional as F
 
         rows, width = ids.shape
-        if self.native is not None and not prefill and width == 1:
+        if self.native is not None and width == 1:
             return self._native_step(ids, slots, starts, adapters)
         device = ids.device
         first = slots[0]
@@ -393,7 +392,7 @@ class SlotDecoder:
         mask = (torch.arange(columns, device=device) <= positions[:, :, None])[:, None]
         groups = AdapterPlan(adapters, device)
         gqa = self.kv_heads != self.heads
-        q8 = self.q8 and not prefill
+        q8 = self.q8
         for layer, (q_proj, k_proj, v_proj, o_proj, gate, up, down), fused, keys, values in zip(
                 self.inner.layers, self.layers, self.fused, self.keys, self.values, strict=True):
             fused = fused if q8 else None

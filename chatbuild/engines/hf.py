@@ -420,10 +420,10 @@ class HFEngine:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               past_key_values=cache, use_cache=True, logits_to_keep=1, **adapter)
 
-    def _fast_forward(self, ids, slots, starts, last, adapters: list[str], prefill: bool = False):
+    def _fast_forward(self, ids, slots, starts, last, adapters: list[str]):
         """One forward pass of the fast decoder for the decode thread."""
         with self._lock:
-            return self._decoder.forward(ids, slots, starts, last, adapters, prefill)
+            return self._decoder.forward(ids, slots, starts, last, adapters)
 
     def close(self) -> None:
         """Drop the model and adapters (and the GPU memory they held)."""

@@ -15,11 +15,11 @@ with its own scale (absmax / 127); activations are quantized the same way at eve
 block's dot product is exact and only two scales are floating point. Greedy replies are q8's own:
 close to fp32's, not always equal (tests/test_q8.py measures the agreement on SmolLM2).
 
-Besides the product (tiles of 2 weight rows x 4 activation rows; a fused projection's LoRA terms,
-each row its own adapter's columns, added in the same call), the kernel file has `q8_decode`: a
-whole decode step of a Llama-family model, every layer, in one call (`decode`; the fast decoder's
-q8 steps). Every output is computed from its own row alone, so a row's result is the same in any
-batch.
+Besides the product (weights repacked in groups of 8 outputs and summed in int32 lanes; a fused
+projection's LoRA terms, each row its own adapter's columns, added in the same call), the kernel file
+has `q8_decode`: a whole decode step of a Llama-family model, every layer, in one call (`decode`; the
+fast decoder's q8 steps). Every output is computed from its own row alone, so a row's result is the
+same in any batch.
 
 The kernel (kernels/q8.c) is compiled once per machine with the system's C compiler (`$CC`, default
 `cc`; -O3, OpenMP, AVX2/FMA where the CPU has them) into $CHATBUILD_HOME/kernels/, and loaded with
@@ -48,16 +48,27 @@ _library = None
 
 @dataclass(frozen=True)
 class Q8Weight:
-    """A packed [out, in] weight: `values` int8 [out, in], `scales` fp32 [out, in / BLOCK], and the
-    layer's bias (fp32 or None)."""
+    """A packed [out, in] weight, as the kernel reads it (kernels/q8.c, `q8_repack`): `values` int8
+    [groups of 8 outputs, in / BLOCK, 8, 32] (each 32 bytes: 4 inputs of each of 8 outputs), `scales`
+    fp32 [groups, in / BLOCK, 8], zeros past `out`; and the layer's bias (fp32 or None). `unpacked()`
+    gives the plain [out, in] int8 values and [out, in / BLOCK] scales."""
 
     values: object
     scales: object
-    bias: object = None
+    bias: object
+    out: int
+    size: int
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.values.shape)
+        return self.out, self.size
+
+    def unpacked(self):
+        """(values int8 [out, in], scales fp32 [out, in / BLOCK]): Q8_0 in plain row order."""
+        groups, blocks = self.values.shape[:2]
+        values = self.values.view(groups, blocks, 8, 8, 4).permute(0, 3, 1, 2, 4).reshape(groups * 8, self.size)
+        scales = self.scales.permute(0, 2, 1).reshape(groups * 8, blocks)
+        return values[:self.out], scales[:self.out]
 
 
 def pack_reason(weight) -> str | None:
@@ -82,8 +93,13 @@ def pack(weight, bias=None) -> Q8Weight | None:
     out, size = weight.shape
     values = torch.empty(out, size, dtype=torch.int8)
     scales = torch.empty(out, size // BLOCK, dtype=torch.float32)
-    kernel().q8_quantize(weight.data_ptr(), out, size, values.data_ptr(), scales.data_ptr())
-    return Q8Weight(values, scales, None if bias is None else bias.detach().float())
+    groups = -(-out // 8)
+    packed = torch.empty(groups, size // BLOCK, 8, 32, dtype=torch.int8)
+    packed_scales = torch.empty(groups, size // BLOCK, 8, dtype=torch.float32)
+    library = kernel()
+    library.q8_quantize(weight.data_ptr(), out, size, values.data_ptr(), scales.data_ptr())
+    library.q8_repack(values.data_ptr(), scales.data_ptr(), out, size, packed.data_ptr(), packed_scales.data_ptr())
+    return Q8Weight(packed, packed_scales, None if bias is None else bias.detach().float(), out, size)
 
 
 def pack_lora(a_all, b_all):
@@ -107,8 +123,8 @@ def matmul(x, weight: Q8Weight, lora=None, columns=None):
 
     x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
     rows, size = x.shape
-    out = weight.values.shape[0]
-    if size != weight.values.shape[1]:
+    out = weight.out
+    if size != weight.size:
         raise ValueError(f"q8.matmul: input of {size} features for a weight of {weight.shape}")
     y = torch.empty(rows, out, dtype=torch.float32)
     if rows:
@@ -239,6 +255,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.q8_quantize.argtypes = [pointer, size, size, pointer, pointer]
     library.q8_quantize.restype = None
+    library.q8_repack.argtypes = [pointer, pointer, size, size, pointer, pointer]
+    library.q8_repack.restype = None
     library.q8_matmul.argtypes = [pointer, size, size, pointer, pointer, size, pointer, ctypes.c_int,
                                   pointer, pointer, pointer, size, pointer, pointer]
     library.q8_matmul.restype = ctypes.c_int

@@ -9,16 +9,18 @@
  * absolute value of one operand and moving its sign onto the other, so that `maddubs` (unsigned x
  * signed bytes) can multiply two signed vectors without overflow (|products| <= 2 * 127 * 127).
  *
- * The AVX2 product works on tiles of 2 weight rows x 4 activation rows: each block of the two weight
- * rows is loaded once for four activation rows and each activation block once for two weight rows,
- * and the eight accumulators stay in registers (a tile is fixed-size code, not a loop over a runtime
- * count, which would keep them in memory). Leftover rows take the same sums one at a time.
- * Without AVX2 the same sums run as plain loops. Threads: OpenMP over pairs of output rows, as many
- * as the caller asks (torch.get_num_threads()); loaded after torch, this library shares torch's
+ * The AVX2 product reads weights repacked in groups of 8 outputs (`q8_repack`): one 32-byte vector
+ * holds 4 inputs of each of 8 outputs, multiplied by the activation's 4 bytes broadcast, so each lane
+ * accumulates one output's block dot product in int32 and a block needs one conversion to float per 8
+ * outputs instead of one per output. A group's weights are read once for 4 activation rows; leftover
+ * rows take the same sums one at a time. Without AVX2 the same sums run as plain loops. Threads:
+ * OpenMP over chunks of 64 outputs, as many as the caller asks (torch.get_num_threads()); loaded after
+ * torch, this library shares torch's
  * libgomp. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -81,58 +83,71 @@ static inline float sum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* 8 int32 partial sums of <w, x> over one block, as floats; abs_w = |w|, sign(x, w) moves w's sign. */
-static inline __m256 block_dot(__m256i abs_w, __m256i w, __m256i x) {
-    __m256i pairs = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-/* Weight rows w0, w1 times activation rows x0..x3: y[i * ldy + 0..1] for each activation row i. */
-static void tile_2x4(const int8_t *w0, const float *d0, const int8_t *w1, const float *d1,
-                     const int8_t *x, const float *dx, int64_t k, float *y, int64_t ldy) {
-    int64_t blocks = k / QK;
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-    __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-    for (int64_t b = 0; b < blocks; b++) {
-        __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + b * QK)), s0 = _mm256_sign_epi8(v0, v0);
-        __m256i v1 = _mm256_loadu_si256((const __m256i *)(w1 + b * QK)), s1 = _mm256_sign_epi8(v1, v1);
-        __m256 e0 = _mm256_set1_ps(d0[b]), e1 = _mm256_set1_ps(d1[b]);
-#define ROW(i, acc0, acc1)                                                                   \
-        {                                                                                    \
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + (i) * k + b * QK));        \
-            __m256 f = _mm256_set1_ps(dx[(i) * blocks + b]);                                 \
-            acc0 = _mm256_fmadd_ps(block_dot(s0, v0, xv), _mm256_mul_ps(e0, f), acc0);       \
-            acc1 = _mm256_fmadd_ps(block_dot(s1, v1, xv), _mm256_mul_ps(e1, f), acc1);       \
-        }
-        ROW(0, a00, a10) ROW(1, a01, a11) ROW(2, a02, a12) ROW(3, a03, a13)
-#undef ROW
-    }
-    y[0] = sum8(a00); y[1] = sum8(a10);
-    y[ldy] = sum8(a01); y[ldy + 1] = sum8(a11);
-    y[2 * ldy] = sum8(a02); y[2 * ldy + 1] = sum8(a12);
-    y[3 * ldy] = sum8(a03); y[3 * ldy + 1] = sum8(a13);
-}
 #endif
 
-/* One output: weight row w (scales dw) times activation row x (scales dx). */
-static float dot_row(const int8_t *w, const float *dw, const int8_t *x, const float *dx, int64_t k) {
+/* The weight layout the product reads: outputs in groups of 8, and for each group and block of 32
+ * inputs, 8 vectors of 32 bytes, vector c holding inputs 4c..4c+3 of the block for each of the 8
+ * outputs (4 bytes an output): rq[((g * blocks + b) * 8 + c) * 32 + o * 4 + j] = q[8g + o, 32b + 4c + j],
+ * and the scales rd[(g * blocks + b) * 8 + o] = d[8g + o, b]. Outputs past n (the last group's) are
+ * zeros. From q [n, k] int8 and d [n, k / QK] (q8_quantize's). */
+void q8_repack(const int8_t *q, const float *d, int64_t n, int64_t k, int8_t *rq, float *rd) {
+    int64_t blocks = k / QK, groups = (n + 7) / 8;
+    memset(rq, 0, (size_t)(groups * 8 * k));
+    memset(rd, 0, (size_t)(groups * 8 * blocks) * sizeof(float));
+    for (int64_t o = 0; o < n; o++)
+        for (int64_t b = 0; b < blocks; b++) {
+            rd[(o / 8 * blocks + b) * 8 + o % 8] = d[o * blocks + b];
+            for (int c = 0; c < 8; c++)
+                memcpy(rq + ((o / 8 * blocks + b) * 8 + c) * 32 + (o % 8) * 4, q + o * k + b * QK + 4 * c, 4);
+        }
+}
+
+#define ROWS 4 /* activation rows a group's weights are read for at once */
+
+/* One group of 8 outputs for `count` (<= ROWS) activation rows: out[r * 8 + o]. For each block, the
+ * 8 outputs' integer dot products accumulate exactly in int32 lanes (one lane an output: 4 inputs a
+ * step, the activation's 4 bytes broadcast), and only then become floats: times the 8 weight scales,
+ * times the row's activation scale. (The idea of lanes-as-outputs with the activation broadcast is
+ * llama.cpp's repacked "8x8" CPU kernels'.) A row's sums do not depend on the other rows. */
+static void group_rows(const int8_t *wg, const float *dg, const int8_t *qx, const float *dx, int64_t k, int count,
+                       float *out) {
     int64_t blocks = k / QK;
 #ifdef __AVX2__
-    __m256 acc = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 f[ROWS];
+    for (int r = 0; r < ROWS; r++) f[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * QK));
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + b * QK));
-        acc = _mm256_fmadd_ps(block_dot(_mm256_sign_epi8(v, v), v, xv), _mm256_set1_ps(dw[b] * dx[b]), acc);
+        __m256i a[ROWS];
+        for (int r = 0; r < ROWS; r++) a[r] = _mm256_setzero_si256();
+        const int8_t *wb = wg + b * 256;
+        for (int c = 0; c < 8; c++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(wb + c * 32)), abs_w = _mm256_sign_epi8(w, w);
+            for (int r = 0; r < count; r++) {
+                int32_t four;
+                memcpy(&four, qx + r * k + b * QK + 4 * c, 4);
+                __m256i p = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(_mm256_set1_epi32(four), w));
+                a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(p, ones));
+            }
+        }
+        __m256 scales = _mm256_loadu_ps(dg + b * 8);
+        for (int r = 0; r < count; r++)
+            f[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[r]), scales), _mm256_set1_ps(dx[r * blocks + b]),
+                                   f[r]);
     }
-    return sum8(acc);
+    for (int r = 0; r < count; r++) _mm256_storeu_ps(out + r * 8, f[r]);
 #else
-    float acc = 0.f;
-    for (int64_t b = 0; b < blocks; b++) {
-        int32_t dot = 0;
-        for (int j = 0; j < QK; j++) dot += (int32_t)w[b * QK + j] * (int32_t)x[b * QK + j];
-        acc += dw[b] * dx[b] * (float)dot;
-    }
-    return acc;
+    for (int r = 0; r < count; r++)
+        for (int o = 0; o < 8; o++) {
+            float acc = 0.f;
+            for (int64_t b = 0; b < blocks; b++) {
+                int32_t dot = 0;
+                for (int c = 0; c < 8; c++)
+                    for (int j = 0; j < 4; j++)
+                        dot += (int32_t)wg[(b * 8 + c) * 32 + o * 4 + j] * (int32_t)qx[r * k + b * QK + 4 * c + j];
+                acc += ((float)dot * dg[b * 8 + o]) * dx[r * blocks + b];
+            }
+            out[r * 8 + o] = acc;
+        }
 #endif
 }
 
@@ -197,11 +212,11 @@ static void add_terms(float *row, const float *bias, const float *t, const float
 
 #define CHUNK 64 /* outputs per task: their products, then their bias and low-rank terms */
 
-/* y [m, n] = x [m, k] times the packed weight [n, k] transposed, plus `bias` [n] (or NULL), plus
- * LoRA's low-rank terms (or la = NULL): row i of x uses the stacked columns lo[i]..hi[i]-1 of
- * la [r, k] (the A matrices) and B [n, r] (the B matrices side by side, scaling included; blocked as
- * `add_terms` reads it): y[i, j] += sum over c of <x[i, :], la[c, :]> * B[j, c], c in increasing order. A row that uses
- * no adapter has lo[i] == hi[i]. Each output is computed from its own row alone, in an order that
+/* y [m, n] = x [m, k] times the weight [n, k] transposed (qw, dw: repacked by q8_repack), plus
+ * `bias` [n] (or NULL), plus LoRA's low-rank terms (or la = NULL): row i of x uses the stacked
+ * columns lo[i]..hi[i]-1 of la [r, k] (the A matrices) and B [n, r] (the B matrices side by side,
+ * scaling included; blocked as `add_terms` reads it): y[i, j] += sum over c of <x[i, :], la[c, :]> *
+ * B[j, c], c in increasing order. A row that uses no adapter has lo[i] == hi[i]. Each output is computed from its own row alone, in an order that
  * does not depend on the other rows, so a row's result is the same in any batch.
  * k must be a multiple of QK. Returns 0, or -1 if scratch memory could not be allocated. */
 int q8_matmul(const float *x, int64_t m, int64_t k, const int8_t *qw, const float *dw, int64_t n,
@@ -227,23 +242,20 @@ int q8_matmul(const float *x, int64_t m, int64_t k, const int8_t *qw, const floa
         #pragma omp for schedule(static)
         for (int64_t p = 0; p < chunks; p++) {
             int64_t start = p * CHUNK, end = start + CHUNK < n ? start + CHUNK : n;
-            int64_t i = 0;
-#ifdef __AVX2__
-            /* rows outer, weight pairs inner: the chunk's weight rows stay in cache for every tile of
-             * rows, and a tile's activations are read from L1 for every pair */
-            int64_t paired = start + (end - start) / 2 * 2;
-            for (; i + 4 <= m; i += 4) {
-                for (int64_t j = start; j < paired; j += 2)
-                    tile_2x4(qw + j * k, dw + j * blocks, qw + (j + 1) * k, dw + (j + 1) * blocks,
-                             qx + i * k, dx + i * blocks, k, y + i * n + j, n);
-                for (int64_t j = paired; j < end; j++)
-                    for (int64_t row = i; row < i + 4; row++)
-                        y[row * n + j] = dot_row(qw + j * k, dw + j * blocks, qx + row * k, dx + row * blocks, k);
+            for (int64_t i = 0; i < m; i += ROWS) {  /* a chunk's weights stay in cache for every tile of rows */
+                int count = m - i < ROWS ? (int)(m - i) : ROWS;
+                for (int64_t g = start / 8; g * 8 < end; g++) {
+                    float out[ROWS * 8];
+                    if (count == ROWS)
+                        group_rows(qw + g * blocks * 256, dw + g * blocks * 8, qx + i * k, dx + i * blocks, k, ROWS, out);
+                    else  /* leftover rows one at a time: the same sums as in a tile */
+                        for (int r = 0; r < count; r++)
+                            group_rows(qw + g * blocks * 256, dw + g * blocks * 8, qx + (i + r) * k,
+                                       dx + (i + r) * blocks, k, 1, out + r * 8);
+                    for (int r = 0; r < count; r++)
+                        for (int64_t o = 0; o < 8 && g * 8 + o < n; o++) y[(i + r) * n + g * 8 + o] = out[r * 8 + o];
+                }
             }
-#endif
-            for (; i < m; i++)
-                for (int64_t j = start; j < end; j++)
-                    y[i * n + j] = dot_row(qw + j * k, dw + j * blocks, qx + i * k, dx + i * blocks, k);
             if (bias || la)
                 for (int64_t i = 0; i < m; i++)
                     add_terms(y + i * n, bias, la ? t + i * r : NULL, lb, r, la ? lo[i] : 0, la ? hi[i] : 0,
